@@ -1,0 +1,125 @@
+"""``create_model``: the public way to build an encoder or classifier."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from effbackbone.arch import FAMILIES, VARIANTS, Variant
+from effbackbone.model import EfficientNet, ModelConfig
+from effbackbone.scaling import ALPHA, BETA, GAMMA, compound
+from effbackbone.weights import detect_layout, load_weights, read_state_dict, unwrap_state_dict
+
+# BatchNorm eps the torchvision models were trained with (not stored in the state dict).
+_TORCHVISION_EPS = {"b5": 1e-3, "b6": 1e-3, "b7": 1e-3, "v2_s": 1e-3, "v2_m": 1e-3, "v2_l": 1e-3}
+_FAMILY_BASE = {"efficientnet": "b0", "lite": "lite0", "v2_s": "v2_s", "v2_m": "v2_m", "v2_l": "v2_l"}
+_OPTIONS = frozenset(
+    {
+        "phi", "alpha", "beta", "gamma", "tf_compat", "padding", "bn_eps", "bn_momentum", "drop_rate",
+        "frozen_stages", "norm_eval", "grad_checkpointing", "channels_last", "stem_adapt",
+    }
+)
+
+
+def list_models() -> list[str]:
+    """Names ``create_model`` accepts."""
+    return list(VARIANTS)
+
+
+def resolve_variant(
+    name: str, phi: float | None = None, alpha: float = ALPHA, beta: float = BETA, gamma: float = GAMMA
+) -> Variant:
+    """The scaling coefficients for ``name``, or for the family's base scaled by compound ``phi``.
+
+    ``resolve_variant("b0", phi=2.5)`` is B0's table scaled by width ``beta^2.5`` and depth
+    ``alpha^2.5`` (paper eq. 3); the named B1-B7 use the reference's hand-rounded coefficients.
+    """
+    key = name.lower().replace("-", "_").removeprefix("efficientnet_")
+    if key not in VARIANTS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
+    variant = VARIANTS[key]
+    if phi is None:
+        return variant
+    base = VARIANTS[_FAMILY_BASE[variant.family]]
+    c = compound(phi, alpha, beta, gamma)
+    # Dropout follows the reference table's steps: 0.2 at B0-B1, +0.1 every two phi, 0.1..0.5.
+    dropout = min(0.5, max(0.1, 0.2 + 0.1 * (phi // 2)))
+    return Variant(base.family, base.width * c.width, base.depth * c.depth, c.resolution, dropout)
+
+
+def create_model(
+    name: str,
+    *,
+    weights: str | os.PathLike[str] | Mapping[str, Tensor] | None = None,
+    features_only: bool = True,
+    out_indices: Sequence[int] | None = None,
+    in_channels: int = 3,
+    output_stride: int = 32,
+    drop_path_rate: float = 0.0,
+    num_classes: int = 1000,
+    **options: Any,
+) -> EfficientNet:
+    """Build an EfficientNet encoder (or classifier), optionally with published weights.
+
+    Args:
+        name: ``b0``..``b7``, ``lite0``..``lite4``, ``v2_s``, ``v2_m``, ``v2_l``.
+        weights: A local ``.safetensors``/``.pth`` path or a state dict, in timm or torchvision
+            layout (detected from the keys). Nothing is downloaded.
+        features_only: Return the pyramid levels (``dict[str, Tensor]``) instead of logits.
+        out_indices: Which levels to return, 0..4 for C1..C5 (strides 2..32). Default: all.
+        in_channels: Input channels; pretrained stems are adapted (option ``stem_adapt``).
+        output_stride: 32, 16 or 8 (dilated last stages).
+        drop_path_rate: Stochastic depth rate at the last block.
+        num_classes: Classifier size (``features_only=False``); 0 for pooled features.
+        **options: ``phi`` (compound coefficient; scales the family's base model) with ``alpha``,
+            ``beta``, ``gamma``; ``tf_compat=True`` for TF-ported weights (timm ``tf_*``: "same"
+            padding and BN eps 1e-3); ``padding``, ``bn_eps``, ``bn_momentum``, ``drop_rate``;
+            ``frozen_stages`` (0-5: freeze stem and levels up to C{n}), ``norm_eval`` (BN in eval mode),
+            ``grad_checkpointing``, ``channels_last``, ``stem_adapt`` (``repeat``, ``mean``,
+            ``rgb_zero``, ``random``).
+
+    Returns:
+        The model, in train mode like any freshly built ``nn.Module``.
+    """
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(_OPTIONS)}")
+    variant = resolve_variant(
+        name, options.get("phi"), options.get("alpha", ALPHA), options.get("beta", BETA),
+        options.get("gamma", GAMMA),
+    )
+    sd = None
+    if weights is not None:
+        sd = read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else unwrap_state_dict(weights)
+    tf = bool(options.get("tf_compat", False))
+    default_eps = 1e-3 if tf else 1e-5
+    if sd is not None and detect_layout(sd) == "torchvision":
+        default_eps = _TORCHVISION_EPS.get(name.lower().replace("-", "_"), 1e-5)
+    cfg = ModelConfig(
+        variant=variant,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        drop_path_rate=drop_path_rate,
+        drop_rate=options.get("drop_rate", variant.dropout),
+        padding=options.get("padding", "same" if tf else "symmetric"),
+        bn_eps=options.get("bn_eps", default_eps),
+        bn_momentum=options.get("bn_momentum", 0.01 if tf else 0.1),
+    )
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    model = EfficientNet(cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes)
+    if sd is not None:
+        load_weights(model, sd, options.get("stem_adapt", "repeat"))
+    if options.get("frozen_stages") or options.get("norm_eval"):
+        model.freeze(int(options.get("frozen_stages", 0)), bool(options.get("norm_eval", False)))
+    model.set_grad_checkpointing(bool(options.get("grad_checkpointing", False)))
+    if options.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+__all__ = ["FAMILIES", "create_model", "list_models", "resolve_variant"]

@@ -1,0 +1,1 @@
+"""Adapters for other frameworks; each module imports its framework and registers on import."""

@@ -1,0 +1,134 @@
+"""Small building layers: convolutions with symmetric or TF "same" padding, SE, drop path."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Padding = Literal["symmetric", "same"]
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow's "same" padding for strided convolutions.
+
+    TF pads ``total = max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)`` with the odd pixel on the
+    bottom/right, so the padding depends on the input size. It is computed from the input's shape
+    with integer arithmetic only (no ``math.ceil``, no data-dependent branch), which keeps ONNX
+    export with dynamic height/width, TorchScript and ``torch.compile`` working.
+    State-dict keys equal ``nn.Conv2d``'s (and timm's ``Conv2dSame``).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+        groups: int = 1, bias: bool = False,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
+        # Only valid when the pad can never be negative, i.e. the receptive field exceeds the
+        # stride; every strided conv of EfficientNet (k >= 3, s = 2) satisfies this.
+        if (kernel_size - 1) * dilation + 1 <= stride:
+            raise ValueError("Conv2dSame needs (k - 1) * d + 1 > stride")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Pad as TF "SAME" would, then convolve."""
+        ih, iw = x.shape[-2], x.shape[-1]
+        k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+        pad_h = ((ih + s - 1) // s - 1) * s + (k - 1) * d + 1 - ih
+        pad_w = ((iw + s - 1) // s - 1) * s + (k - 1) * d + 1 - iw
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def create_conv(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
+    groups: int = 1, padding: Padding = "symmetric", bias: bool = False,
+) -> nn.Conv2d:
+    """A Conv2d with symmetric padding, or TF "same" padding.
+
+    For stride 1 and odd kernels, "same" is symmetric and static, so a plain Conv2d serves both;
+    only strided "same" convolutions need the dynamic :class:`Conv2dSame`.
+    """
+    if padding == "same" and stride > 1:
+        return Conv2dSame(in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
+    pad = (kernel_size - 1) // 2 * dilation
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad, dilation, groups, bias)
+
+
+def create_act(name: str) -> nn.Module:
+    """The activation module for a family (``silu`` or ``relu6``)."""
+    if name == "silu":
+        return nn.SiLU(inplace=True)
+    if name == "relu6":
+        return nn.ReLU6(inplace=True)
+    raise ValueError(f"unknown activation {name!r}; expected 'silu' or 'relu6'")
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (Hu et al. 2018) as EfficientNet uses it.
+
+    The reduced width is ``se_ratio`` times the *block input* channels (paper; TF reference
+    ``num_reduced_filters = max(1, int(input_filters * se_ratio))``), not of the expanded width the
+    SE is applied to. The inner activation is the block's (SiLU), the gate a sigmoid.
+    """
+
+    def __init__(self, channels: int, reduced: int, act: str = "silu") -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.act1 = create_act(act)
+        self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scale each channel of ``x`` by a gate computed from its global average."""
+        s = x.mean((2, 3), keepdim=True)
+        s = self.conv_expand(self.act1(self.conv_reduce(s)))
+        return x * s.sigmoid()
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop the residual branch per sample while training."""
+
+    def __init__(self, rate: float = 0.0) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Zero whole samples with probability ``rate`` and rescale the rest by ``1 / (1 - rate)``."""
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        """Show the rate in ``print(model)``."""
+        return f"rate={self.rate:.3f}"
+
+
+def adapt_stem_weight(weight: Tensor, in_channels: int, mode: str = "repeat") -> Tensor:
+    """Adapt a pretrained 3-channel stem kernel to ``in_channels`` input channels.
+
+    Modes:
+        ``repeat`` (default, timm's rule): cycle the R, G, B filters over the new channels and scale
+        by ``3 / in_channels``; for one channel this is the sum of R, G, B, i.e. exactly what a
+        grayscale image copied to RGB would give.
+        ``mean``: every channel gets the mean RGB filter times ``3 / in_channels``.
+        ``rgb_zero``: the first three channels keep R, G, B, the others start at zero, so the model
+        behaves exactly as the RGB one until it learns to use the extra channels.
+        ``random``: keep the freshly initialised stem.
+    """
+    out_c, src_c, kh, kw = weight.shape
+    if in_channels == src_c:
+        return weight
+    if mode == "repeat":
+        idx = torch.arange(in_channels) % src_c
+        return weight[:, idx] * (src_c / in_channels)
+    if mode == "mean":
+        return weight.mean(1, keepdim=True).expand(out_c, in_channels, kh, kw) * (src_c / in_channels)
+    if mode == "rgb_zero":
+        new = weight.new_zeros(out_c, in_channels, kh, kw)
+        n = min(in_channels, src_c)
+        new[:, :n] = weight[:, :n]
+        return new
+    raise ValueError(f"unknown stem_adapt {mode!r}; expected 'repeat', 'mean', 'rgb_zero' or 'random'")

@@ -1,0 +1,266 @@
+"""EfficientNet as a multi-scale encoder (and, optionally, the ImageNet classifier)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from effbackbone.arch import FAMILIES, Family, Variant
+from effbackbone.blocks import BlockConfig, create_block
+from effbackbone.layers import Padding, create_act, create_conv
+from effbackbone.scaling import level_stages, round_filters, scale_stages
+from effbackbone.spec import FeatureSpec
+
+LEVEL_NAMES = ("C1", "C2", "C3", "C4", "C5")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Resolved construction options of an :class:`EfficientNet` (see ``create_model``).
+
+    Attributes:
+        variant: Scaling coefficients.
+        in_channels: Input channels.
+        output_stride: 32, 16 or 8; lower values dilate the last stages instead of striding.
+        drop_path_rate: Stochastic depth rate of the last block (ramps linearly from 0).
+        drop_rate: Dropout before the classifier.
+        padding: ``"symmetric"`` (PyTorch) or ``"same"`` (TF-ported weights).
+        bn_eps: BatchNorm epsilon (1e-3 for TF-ported weights, 1e-5 otherwise).
+        bn_momentum: BatchNorm momentum (PyTorch convention).
+    """
+
+    variant: Variant
+    in_channels: int = 3
+    output_stride: int = 32
+    drop_path_rate: float = 0.0
+    drop_rate: float = 0.2
+    padding: Padding = "symmetric"
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+
+
+class EfficientNet(nn.Module):
+    """EfficientNet / EfficientNetV2 / EfficientNet-Lite encoder.
+
+    With ``features_only=True`` (the default) ``forward`` returns ``dict[str, Tensor]`` with the
+    levels named in :attr:`feature_specs` (``C1``..``C5`` = strides 2..32); each level is the output
+    of the last block before the next stride-2 block (the same tensors as timm's ``features_only``).
+    With ``features_only=False`` it is the classifier and ``forward`` returns logits.
+
+    Attributes:
+        feature_specs: The levels ``forward`` returns, in order.
+        all_feature_specs: Every level the network has (C1..C5).
+        size_divisibility: Input sizes should be multiples of this (32 at output stride 32).
+    """
+
+    size_divisibility: int = 32
+
+    def __init__(
+        self, cfg: ModelConfig, *, features_only: bool = True, out_indices: Sequence[int] | None = None,
+        num_classes: int = 1000,
+    ) -> None:
+        super().__init__()
+        if cfg.output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {cfg.output_stride}")
+        self.cfg = cfg
+        self.features_only = features_only
+        self.grad_checkpointing = False
+        self.norm_eval = False
+        self.frozen_levels = 0
+        family = FAMILIES[cfg.variant.family]
+        norm = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
+        stem = round_filters(family.stem_channels, cfg.variant.width) if family.scale_stem else family.stem_channels
+        self.conv_stem = create_conv(cfg.in_channels, stem, 3, 2, padding=cfg.padding)
+        self.bn1 = norm(stem)
+        self.act1 = create_act(family.activation)
+        self.blocks, self.all_feature_specs = self._build_stages(family, stem, norm)
+        self._set_out_indices(out_indices)
+        self.num_features = 0
+        self.num_classes = num_classes if not features_only else 0
+        if not features_only:
+            last = self.all_feature_specs[-1].channels
+            head = family.head_channels
+            self.num_features = round_filters(head, cfg.variant.width) if family.scale_head else head
+            self.conv_head = create_conv(last, self.num_features, 1)
+            self.bn2 = norm(self.num_features)
+            self.act2 = create_act(family.activation)
+            self.dropout = nn.Dropout(cfg.drop_rate)
+            self.classifier: nn.Module = (
+                nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            )
+        self.size_divisibility = cfg.output_stride
+        _init_weights(self)
+
+    def _build_stages(
+        self, family: Family, stem: int, norm: partial[nn.BatchNorm2d]
+    ) -> tuple[nn.Sequential, tuple[FeatureSpec, ...]]:
+        cfg = self.cfg
+        stages = scale_stages(family.stages, cfg.variant.width, cfg.variant.depth, family.fix_first_last)
+        ends = level_stages([s.stride for s in stages])
+        total = sum(s.repeats for s in stages)
+        in_ch, stride, dilation, idx = stem, 2, 1, 0
+        built: list[nn.Module] = []
+        specs: list[FeatureSpec] = []
+        for si, stage in enumerate(stages):
+            blocks: list[nn.Module] = []
+            for bi in range(stage.repeats):
+                s, d = (stage.stride, dilation) if bi == 0 else (1, dilation)
+                if s > 1 and stride * s > cfg.output_stride:
+                    # Dilate instead of striding; like timm and DeepLab, the first block of the stage
+                    # keeps the previous dilation and the following blocks take the new one.
+                    dilation *= s
+                    s = 1
+                elif s > 1:
+                    stride *= s
+                block_cfg = BlockConfig(
+                    in_channels=in_ch, out_channels=stage.out_channels, kernel=stage.kernel, stride=s,
+                    dilation=d, expand_ratio=stage.expand_ratio, se_ratio=stage.se_ratio,
+                    act=family.activation, padding=cfg.padding,
+                    # Stochastic depth ramps linearly over all blocks (timm, TF reference).
+                    drop_path=cfg.drop_path_rate * idx / total,
+                )
+                blocks.append(create_block(stage.block, block_cfg, norm))
+                in_ch, idx = stage.out_channels, idx + 1
+            built.append(nn.Sequential(*blocks))
+            if si in ends:
+                level = len(specs)
+                specs.append(FeatureSpec(LEVEL_NAMES[level], in_ch, stride, level, f"blocks.{si}"))
+        return nn.Sequential(*built), tuple(specs)
+
+    def _set_out_indices(self, out_indices: Sequence[int] | None) -> None:
+        n = len(self.all_feature_specs)
+        indices = tuple(range(n)) if out_indices is None else tuple(out_indices)
+        bad = [i for i in indices if not -n <= i < n]
+        if bad or not indices:
+            raise ValueError(f"out_indices {indices} must be non-empty and in [0, {n - 1}] (C1..C5)")
+        indices = tuple(sorted({i % n for i in indices}))
+        self.out_indices = indices
+        self.feature_specs = tuple(self.all_feature_specs[i] for i in indices)
+        stage_of = {int(s.module.split(".")[1]): s.name for s in self.feature_specs}
+        # A list indexed by stage (TorchScript-friendly): "" where a stage is not returned.
+        self._stage_out: list[str] = [stage_of.get(i, "") for i in range(len(self.blocks))]
+
+    @property
+    def feature_channels(self) -> list[int]:
+        """Channels of the returned levels, in order."""
+        return [s.channels for s in self.feature_specs]
+
+    @property
+    def feature_strides(self) -> list[int]:
+        """Strides of the returned levels, in order."""
+        return [s.stride for s in self.feature_specs]
+
+    def stem(self, x: Tensor) -> Tensor:
+        """Stem conv 3x3 / 2 + BN + activation."""
+        return self.act1(self.bn1(self.conv_stem(x)))
+
+    def forward_pyramid(self, x: Tensor) -> dict[str, Tensor]:
+        """The requested pyramid levels as ``{name: tensor}`` (see :attr:`feature_specs`)."""
+        x = self.stem(x)
+        out: dict[str, Tensor] = {}
+        for i, stage in enumerate(self.blocks):
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+            name = self._stage_out[i]
+            if name != "":
+                out[name] = x
+        return out
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Classifier trunk: stem, all stages, head conv (before pooling)."""
+        x = self.stem(x)
+        for stage in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                x = checkpoint(stage, x, use_reentrant=False)
+            else:
+                x = stage(x)
+        return self.act2(self.bn2(self.conv_head(x)))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """Global average pool, dropout, linear classifier."""
+        x = x.mean((2, 3))
+        return self.classifier(self.dropout(x))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor] | Tensor:
+        """Pyramid levels (``features_only=True``) or class logits."""
+        if self.features_only:
+            return self.forward_pyramid(x)
+        return self.forward_head(self.forward_features(x))
+
+    # -- training-time options -------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each stage in backward instead of storing its activations (timm's API)."""
+        self.grad_checkpointing = enable
+
+    def freeze(self, levels: int = 5, norm_eval: bool | None = None) -> None:
+        """Freeze the stem and every block up to and including level ``C{levels}``.
+
+        Args:
+            levels: 0 unfreezes everything; 1..5 freeze the stem and the stages producing C1..C{levels}.
+            norm_eval: Also keep every BatchNorm in eval mode (frozen statistics) while training.
+                ``None`` leaves the current setting.
+        """
+        if not 0 <= levels <= len(self.all_feature_specs):
+            raise ValueError(f"levels must be in [0, {len(self.all_feature_specs)}], got {levels}")
+        self.frozen_levels = levels
+        if norm_eval is not None:
+            self.norm_eval = norm_eval
+        last_stage = int(self.all_feature_specs[levels - 1].module.split(".")[1]) if levels else -1
+        for m in (self.conv_stem, self.bn1):
+            m.requires_grad_(levels == 0)
+        for i, stage in enumerate(self.blocks):
+            stage.requires_grad_(i > last_stage)
+        self.train(self.training)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules whose weights are frozen (kept in eval mode while training)."""
+        if self.frozen_levels == 0:
+            return []
+        last_stage = int(self.all_feature_specs[self.frozen_levels - 1].module.split(".")[1])
+        return [self.conv_stem, self.bn1, *list(self.blocks)[: last_stage + 1]]
+
+    def train(self, mode: bool = True) -> EfficientNet:
+        """Like ``nn.Module.train``, but frozen parts and (with ``norm_eval``) all BN stay in eval."""
+        super().train(mode)
+        if mode:
+            for m in self.frozen_modules():
+                m.eval()
+            if self.norm_eval:
+                for m in self.modules():
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        m.eval()
+        return self
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a fresh one for ``num_classes`` classes (0 = none)."""
+        if self.features_only:
+            raise RuntimeError("a features_only model has no classifier")
+        self.num_classes = num_classes
+        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _init_weights(model: nn.Module) -> None:
+    """TF reference initialisation (as timm's ``_init_weight_goog``)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            bound = 1.0 / (m.weight.shape[0] ** 0.5)
+            nn.init.uniform_(m.weight, -bound, bound)
+            nn.init.zeros_(m.bias)
+
+
+__all__ = ["LEVEL_NAMES", "EfficientNet", "ModelConfig"]
