@@ -1,0 +1,71 @@
+"""Checkpoint I/O that never leaves a broken file and never runs code from one.
+
+* **Atomic save**: the checkpoint is written to a temporary file in the same directory, flushed
+  and fsynced, then ``os.replace``d over the target. A process killed mid-save leaves the previous
+  ``last.ckpt`` intact (plus, at worst, a stray ``.tmp`` file that the next save removes).
+* **Safe load**: checkpoints are read with ``torch.load(weights_only=True)``; a file that needs
+  arbitrary pickled objects is refused with a message naming it, and its payload never runs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint could not be read with ``weights_only=True``."""
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:  # noqa: ANN401 - any picklable object
+    """``torch.save`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)  # atomic on POSIX within one filesystem
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:  # noqa: ANN401
+    """``torch.load(weights_only=True)`` with an error that names the file and the fix."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise UnsafeCheckpointError(
+            f"refused to load {path}: it is not a weights-only checkpoint ({type(e).__name__}: {e}). "
+            "Loading it would execute pickled code; only load files you trust, and re-save them with "
+            "torch.save(state_dict) or safetensors"
+        ) from e
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning ``CheckpointIO``: atomic writes, weights-only reads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:  # noqa: ANN401
+        """Write ``checkpoint`` to ``path`` atomically."""
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO does not take storage_options")
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self, path: _PATH, map_location: Any | None = None, weights_only: bool | None = None  # noqa: ANN401
+    ) -> dict[str, Any]:
+        """Read a checkpoint with ``weights_only=True`` (the argument cannot turn that off)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return safe_torch_load(path, map_location if map_location is not None else "cpu")
