@@ -72,9 +72,11 @@ class BlockConfig:
 
 
 class _Residual(nn.Module):
-    """Shared tail: drop path + identity shortcut."""
+    """Shared tail: drop path + identity shortcut.
 
-    has_skip: bool
+    Subclasses set ``self.has_skip`` in ``__init__``; there is deliberately no class-level annotation,
+    because with postponed annotations TorchScript sees the string ``'bool'`` and cannot script the model.
+    """
 
     def _finish(self, x: Tensor, shortcut: Tensor) -> Tensor:
         if self.has_skip:

@@ -58,7 +58,12 @@ class EfficientNet(nn.Module):
         size_divisibility: Input sizes should be multiples of this (32 at output stride 32).
     """
 
-    size_divisibility: int = 32
+    # No class-level annotation: with postponed annotations TorchScript would see the string 'int'.
+    size_divisibility = 32
+    # Python-only metadata (FeatureSpec tuples); TorchScript must not try to compile these properties.
+    __jit_unused_properties__ = ["feature_channels", "feature_strides"]
+    # A constant lets TorchScript compile only the branch of ``forward`` this model has modules for.
+    __constants__ = ["features_only"]
 
     def __init__(
         self, cfg: ModelConfig, *, features_only: bool = True, out_indices: Sequence[int] | None = None,
