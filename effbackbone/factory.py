@@ -12,7 +12,7 @@ from torch import Tensor
 from effbackbone.arch import FAMILIES, VARIANTS, Variant
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.scaling import ALPHA, BETA, GAMMA, compound
-from effbackbone.weights import detect_layout, load_weights, read_state_dict, unwrap_state_dict
+from effbackbone.weights import Layout, detect_layout, load_weights, read_state_dict, unwrap_state_dict
 
 # BatchNorm eps the torchvision models were trained with (not stored in the state dict).
 _TORCHVISION_EPS = {"b5": 1e-3, "b6": 1e-3, "b7": 1e-3, "v2_s": 1e-3, "v2_m": 1e-3, "v2_l": 1e-3}
@@ -51,6 +51,53 @@ def resolve_variant(
     return Variant(base.family, base.width * c.width, base.depth * c.depth, c.resolution, dropout)
 
 
+def make_config(
+    name: str,
+    *,
+    in_channels: int = 3,
+    output_stride: int = 32,
+    drop_path_rate: float = 0.0,
+    layout: Layout | None = None,
+    **options: Any,
+) -> ModelConfig:
+    """Resolve ``create_model``'s arguments into a :class:`ModelConfig` (no model is built).
+
+    Used by ``create_model`` and by framework adapters that construct the model class themselves.
+
+    Args:
+        name: Variant name (see :func:`list_models`).
+        in_channels: Input channels.
+        output_stride: 32, 16 or 8.
+        drop_path_rate: Stochastic depth rate at the last block.
+        layout: Layout of the weights that will be loaded (``"torchvision"`` weights of some variants
+            were trained with BatchNorm eps 1e-3), or ``None``.
+        **options: As for :func:`create_model`.
+    """
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(_OPTIONS)}")
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    variant = resolve_variant(
+        name, options.get("phi"), options.get("alpha", ALPHA), options.get("beta", BETA),
+        options.get("gamma", GAMMA),
+    )
+    tf = bool(options.get("tf_compat", False))
+    default_eps = 1e-3 if tf else 1e-5
+    if layout == "torchvision":
+        default_eps = _TORCHVISION_EPS.get(name.lower().replace("-", "_"), 1e-5)
+    return ModelConfig(
+        variant=variant,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        drop_path_rate=drop_path_rate,
+        drop_rate=options.get("drop_rate", variant.dropout),
+        padding=options.get("padding", "same" if tf else "symmetric"),
+        bn_eps=options.get("bn_eps", default_eps),
+        bn_momentum=options.get("bn_momentum", 0.01 if tf else 0.1),
+    )
+
+
 def create_model(
     name: str,
     *,
@@ -85,32 +132,13 @@ def create_model(
     Returns:
         The model, in train mode like any freshly built ``nn.Module``.
     """
-    unknown = set(options) - _OPTIONS
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; valid options: {sorted(_OPTIONS)}")
-    variant = resolve_variant(
-        name, options.get("phi"), options.get("alpha", ALPHA), options.get("beta", BETA),
-        options.get("gamma", GAMMA),
-    )
     sd = None
     if weights is not None:
         sd = read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else unwrap_state_dict(weights)
-    tf = bool(options.get("tf_compat", False))
-    default_eps = 1e-3 if tf else 1e-5
-    if sd is not None and detect_layout(sd) == "torchvision":
-        default_eps = _TORCHVISION_EPS.get(name.lower().replace("-", "_"), 1e-5)
-    cfg = ModelConfig(
-        variant=variant,
-        in_channels=in_channels,
-        output_stride=output_stride,
-        drop_path_rate=drop_path_rate,
-        drop_rate=options.get("drop_rate", variant.dropout),
-        padding=options.get("padding", "same" if tf else "symmetric"),
-        bn_eps=options.get("bn_eps", default_eps),
-        bn_momentum=options.get("bn_momentum", 0.01 if tf else 0.1),
+    cfg = make_config(
+        name, in_channels=in_channels, output_stride=output_stride, drop_path_rate=drop_path_rate,
+        layout=detect_layout(sd) if sd is not None else None, **options,
     )
-    if in_channels < 1:
-        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     model = EfficientNet(cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes)
     if sd is not None:
         load_weights(model, sd, options.get("stem_adapt", "repeat"))
@@ -122,4 +150,4 @@ def create_model(
     return model
 
 
-__all__ = ["FAMILIES", "create_model", "list_models", "resolve_variant"]
+__all__ = ["FAMILIES", "create_model", "list_models", "make_config", "resolve_variant"]

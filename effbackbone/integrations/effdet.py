@@ -1,0 +1,132 @@
+"""EfficientDet D0-D7 (effdet's BiFPN, class/box heads and anchors) on our encoder.
+
+:func:`create_efficientdet` takes effdet's ``tf_efficientdet_dN`` config (paper compound scaling:
+input ``512 + 128 * phi``, BiFPN width/depth, head depth; D7 keeps D6's B6 backbone at 1536 px, D7x
+uses B7) and swaps the backbone name for our timm entrypoint ``effbackbone_bN`` built with
+``tf_compat=True`` (TF "same" padding, BN eps 1e-3), exactly as effdet builds ``tf_efficientnet_bN``.
+The result is effdet's own ``EfficientDet`` module with identical state-dict keys and parameter
+counts, so effdet's COCO checkpoints load unchanged and ``DetBenchTrain``/``DetBenchPredict`` work.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+from effdet import DetBenchPredict, DetBenchTrain, EfficientDet, get_efficientdet_config
+from omegaconf import DictConfig
+from torch import Tensor, nn
+
+import effbackbone.integrations.timm as _timm
+from effbackbone.weights import WeightsError, check_state_dict, load_weights, read_state_dict
+
+EFFICIENTDET_NAMES = ("d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x")
+# Paper (Tan et al., CVPR 2020, Table 2) parameter counts in millions, for reference.
+PAPER_PARAMS_M = {"d0": 3.9, "d1": 6.6, "d2": 8.1, "d3": 12.0, "d4": 21.0, "d5": 34.0, "d6": 52.0, "d7": 52.0}
+_HEAD = "class_net.predict.conv_pw."
+
+
+def _key(name: str) -> str:
+    key = re.sub(r"^(tf_)?efficientdet_", "", name.lower())
+    if key not in EFFICIENTDET_NAMES:
+        raise ValueError(f"unknown EfficientDet {name!r}; valid names: {', '.join(EFFICIENTDET_NAMES)}")
+    return key
+
+
+def efficientdet_config(
+    name: str = "d0", *, num_classes: int = 90, image_size: int | tuple[int, int] | None = None,
+    tf_compat: bool = True, **overrides: Any,
+) -> DictConfig:
+    """The effdet ``tf_efficientdet_<name>`` config with our backbone substituted.
+
+    Args:
+        name: ``d0``..``d7`` or ``d7x`` (``efficientdet_`` / ``tf_efficientdet_`` prefixes accepted).
+        num_classes: Classes of the class head.
+        image_size: Input size override (int or (H, W); multiples of 128 keep every level exact).
+        tf_compat: TF "same" padding in backbone and BiFPN (what the COCO checkpoints need); ``False``
+            uses symmetric padding everywhere (for PyTorch-trained backbone weights).
+        **overrides: Any other effdet config field (``max_det_per_image``, ``soft_nms``, ...).
+    """
+    config = get_efficientdet_config(f"tf_efficientdet_{_key(name)}")
+    variant = config.backbone_name.removeprefix("tf_efficientnet_")
+    config.backbone_name = _timm.PREFIX + variant
+    config.backbone_args = dict(config.backbone_args or {}, tf_compat=tf_compat)
+    config.num_classes = num_classes
+    if not tf_compat:
+        config.pad_type = ""
+    if image_size is not None:
+        config.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    for field, value in overrides.items():
+        if field not in config:
+            raise TypeError(f"unknown EfficientDet config field {field!r}; valid: {sorted(config)}")
+        config[field] = value
+    return config
+
+
+def _detection_state_dict(path: str | os.PathLike[str] | dict[str, Tensor]) -> dict[str, Tensor]:
+    """Read an effdet checkpoint (model or bench keys) as ``EfficientDet`` keys."""
+    sd = read_state_dict(path) if isinstance(path, (str, os.PathLike)) else dict(path)
+    if sd and all(k.startswith("model.") for k in sd if not k.startswith("anchors.")):
+        # Saved from a DetBenchTrain/DetBenchPredict: strip the bench prefix, drop its anchor buffers.
+        sd = {k.removeprefix("model."): v for k, v in sd.items() if not k.startswith("anchors.")}
+    return sd
+
+
+def create_efficientdet(
+    name: str = "d0",
+    num_classes: int = 90,
+    *,
+    backbone_weights: str | os.PathLike[str] | dict[str, Tensor] | None = None,
+    pretrained_path: str | os.PathLike[str] | dict[str, Tensor] | None = None,
+    bench_task: Literal["train", "predict"] | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    tf_compat: bool = True,
+    **overrides: Any,
+) -> nn.Module:
+    """Build EfficientDet-``name`` on our encoder, optionally with weights and a train/predict bench.
+
+    Args:
+        name: ``d0``..``d7`` (or ``d7x``).
+        num_classes: Detection classes; a checkpoint with another class count is loaded first and
+            the class head then reset (as effdet does).
+        backbone_weights: ImageNet weights for the encoder (local file or state dict, timm or
+            torchvision layout; with ``tf_compat=True`` use TF-ported ``tf_efficientnet_bN`` weights).
+        pretrained_path: A whole-detector effdet checkpoint (e.g. ``tf_efficientdet_d0_34-f153e0cf.pth``),
+            plain or saved from a bench.
+        bench_task: ``"train"`` wraps in ``DetBenchTrain`` (forward(images, target) -> losses),
+            ``"predict"`` in ``DetBenchPredict`` (forward(images) -> [B, N, 6] detections
+            ``x_min, y_min, x_max, y_max, score, class``), ``None`` returns the bare ``EfficientDet``.
+        image_size: Input size override (default: the paper's ``512 + 128 * phi``).
+        tf_compat: See :func:`efficientdet_config`.
+        **overrides: effdet config fields.
+
+    Returns:
+        ``EfficientDet``, ``DetBenchTrain`` or ``DetBenchPredict``.
+    """
+    if bench_task not in (None, "train", "predict"):
+        raise ValueError(f"bench_task must be None, 'train' or 'predict', got {bench_task!r}")
+    sd = _detection_state_dict(pretrained_path) if pretrained_path is not None else None
+    config = efficientdet_config(name, num_classes=num_classes, image_size=image_size, tf_compat=tf_compat, **overrides)
+    if sd is not None and _HEAD + "weight" in sd:
+        anchors = config.num_scales * len(config.aspect_ratios)
+        config.num_classes = sd[_HEAD + "weight"].shape[0] // anchors
+    model = EfficientDet(config, pretrained_backbone=False)
+    if backbone_weights is not None:
+        load_weights(model.backbone, backbone_weights)
+    if sd is not None:
+        try:
+            check_state_dict(sd, model.state_dict())
+        except WeightsError as e:
+            raise WeightsError(f"{e}. The checkpoint must be an effdet tf_efficientdet_{_key(name)} one") from None
+        model.load_state_dict(sd, strict=True)
+    if model.config.num_classes != num_classes:
+        model.reset_head(num_classes=num_classes)
+    if bench_task == "train":
+        return DetBenchTrain(model, create_labeler=True)
+    if bench_task == "predict":
+        return DetBenchPredict(model)
+    return model
+
+
+__all__ = ["EFFICIENTDET_NAMES", "PAPER_PARAMS_M", "create_efficientdet", "efficientdet_config"]

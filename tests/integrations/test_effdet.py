@@ -1,0 +1,159 @@
+"""EfficientDet on our encoder: same modules as effdet's tf_efficientdet_dN, checkpoints, benches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+effdet = pytest.importorskip("effdet")
+pytest.importorskip("timm")
+
+from effbackbone.integrations.effdet import (  # noqa: E402
+    EFFICIENTDET_NAMES,
+    create_efficientdet,
+    efficientdet_config,
+)
+from effbackbone.weights import WeightsError  # noqa: E402
+
+SIZE = 128  # smallest size at which P7 is 1x1; keeps the default tests fast
+
+
+def _reference(name: str, size: int | None = SIZE) -> torch.nn.Module:
+    kwargs = {"image_size": (size, size)} if size else {}
+    return effdet.create_model(f"tf_efficientdet_{name}", pretrained=False, pretrained_backbone=False, **kwargs)
+
+
+def _randomize_bn_stats(sd: dict[str, torch.Tensor]) -> None:
+    g = torch.Generator().manual_seed(1)
+    for k, v in sd.items():
+        if k.endswith("running_mean"):
+            v.copy_(torch.randn(v.shape, generator=g) * 0.1)
+        elif k.endswith("running_var"):
+            v.copy_(torch.rand(v.shape, generator=g) + 0.5)
+
+
+def _n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _assert_same_structure(name: str, size: int | None) -> None:
+    ours, ref = create_efficientdet(name, image_size=size), _reference(name, size)
+    so, sr = ours.state_dict(), ref.state_dict()
+    assert list(so) == list(sr)
+    assert all(so[k].shape == sr[k].shape for k in so)
+    assert _n_params(ours) == _n_params(ref)
+    assert type(ours.backbone).__module__.startswith("effbackbone")
+
+
+@pytest.mark.parametrize("name", ["d0", "d1"])
+def test_same_keys_shapes_and_params_as_effdet(name):
+    _assert_same_structure(name, SIZE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["d2", "d3", "d4", "d5", "d6", "d7", "d7x"])
+def test_same_keys_shapes_and_params_as_effdet_large(name):
+    _assert_same_structure(name, None)
+
+
+def test_config_follows_compound_scaling():
+    # Paper Table 1: 512 + 128 * phi up to D4; D5 and D6 both use 1280, D7 1536.
+    sizes = [efficientdet_config(n).image_size[0] for n in EFFICIENTDET_NAMES[:8]]
+    assert sizes[:5] == [512 + 128 * phi for phi in range(5)]
+    assert sizes[5:] == [1280, 1280, 1536]
+    assert efficientdet_config("d7").backbone_name == "effbackbone_b6"  # effdet's D7 keeps D6's B6
+    assert efficientdet_config("d7x").backbone_name == "effbackbone_b7"
+    # Paper Table 1: BiFPN width / depth and box-class head depth.
+    table = [(efficientdet_config(n).fpn_channels, efficientdet_config(n).fpn_cell_repeats,
+              efficientdet_config(n).box_class_repeats) for n in EFFICIENTDET_NAMES[:8]]
+    assert table == [(64, 3, 3), (88, 4, 3), (112, 5, 3), (160, 6, 4), (224, 7, 4), (288, 7, 4), (384, 8, 5),
+                     (384, 8, 5)]
+    assert efficientdet_config("d0").backbone_args["tf_compat"] is True
+
+
+def test_effdet_checkpoint_gives_identical_outputs(tmp_path):
+    ref = _reference("d0").eval()
+    sd = ref.state_dict()
+    _randomize_bn_stats(sd)
+    path = tmp_path / "tf_efficientdet_d0.pth"
+    torch.save(sd, path)
+    ours = create_efficientdet("d0", image_size=SIZE, pretrained_path=path).eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        (co, bo), (cr, br) = ours(x), ref(x)
+    for a, b in zip(co + bo, cr + br, strict=True):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_bench_checkpoint_and_head_reset(tmp_path):
+    ref = _reference("d0")
+    bench_sd = {f"model.{k}": v for k, v in ref.state_dict().items()}
+    ours = create_efficientdet("d0", num_classes=3, image_size=SIZE, pretrained_path=bench_sd)
+    assert ours.config.num_classes == 3
+    assert ours.class_net.predict.conv_pw.out_channels == 3 * 9
+    torch.testing.assert_close(ours.fpn.state_dict(), ref.fpn.state_dict())
+    torch.testing.assert_close(ours.box_net.state_dict(), ref.box_net.state_dict())
+
+
+def test_wrong_checkpoint_is_refused():
+    sd = _reference("d1").state_dict()
+    with pytest.raises(WeightsError, match="tf_efficientdet_d0"):
+        create_efficientdet("d0", image_size=SIZE, pretrained_path=sd)
+
+
+def test_backbone_weights_load(tmp_path):
+    timm = pytest.importorskip("timm")
+    src = timm.create_model("tf_efficientnet_b0", pretrained=False)
+    path = tmp_path / "b0.pth"
+    torch.save(src.state_dict(), path)
+    model = create_efficientdet("d0", image_size=SIZE, backbone_weights=path)
+    torch.testing.assert_close(model.backbone.conv_stem.weight, src.conv_stem.weight)
+    torch.testing.assert_close(model.backbone.blocks[6][0].conv_pwl.weight, src.blocks[6][0].conv_pwl.weight)
+
+
+def _targets(batch: int) -> dict[str, torch.Tensor]:
+    # effdet format: bbox_yxyx in input pixels, cls 1-based, -1 padding rows.
+    bbox = torch.tensor([[[10.0, 20.0, 60.0, 90.0], [-1, -1, -1, -1]], [[30.0, 30.0, 100.0, 120.0], [5, 5, 40, 40]]])
+    cls = torch.tensor([[1.0, -1.0], [2.0, 3.0]])
+    return {
+        "bbox": bbox[:batch], "cls": cls[:batch],
+        "img_scale": torch.ones(batch), "img_size": torch.tensor([[SIZE, SIZE]] * batch, dtype=torch.float),
+    }
+
+
+def test_train_bench_step():
+    bench = create_efficientdet("d0", num_classes=3, bench_task="train", image_size=SIZE)
+    bench.train()
+    opt = torch.optim.SGD(bench.parameters(), lr=1e-3)
+    out = bench(torch.randn(2, 3, SIZE, SIZE), _targets(2))
+    assert set(out) == {"loss", "class_loss", "box_loss"}
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert bench.model.backbone.conv_stem.weight.grad is not None
+    assert bench.model.class_net.predict.conv_pw.weight.grad is not None
+    opt.step()
+    bench.eval()
+    with torch.no_grad():
+        out = bench(torch.randn(2, 3, SIZE, SIZE), _targets(2))
+    assert out["detections"].shape == (2, 100, 6)
+
+
+def test_predict_bench():
+    bench = create_efficientdet("d0", num_classes=5, bench_task="predict", image_size=SIZE, max_det_per_image=20).eval()
+    with torch.no_grad():
+        det = bench(torch.randn(1, 3, SIZE, SIZE))
+    assert det.shape == (1, 20, 6)
+    boxes, scores, classes = det[0, :, :4], det[0, :, 4], det[0, :, 5]
+    assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 3] >= boxes[:, 1]).all()
+    assert ((scores >= 0) & (scores <= 1)).all()
+    assert ((classes >= 1) & (classes <= 5)).all()  # effdet reports 1-based classes
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="d8"):
+        create_efficientdet("d8")
+    with pytest.raises(ValueError, match="bench_task"):
+        create_efficientdet("d0", bench_task="eval")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="fpn_chanels"):
+        efficientdet_config("d0", fpn_chanels=3)
