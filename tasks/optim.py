@@ -8,7 +8,7 @@ from torch import nn
 
 
 def build_param_groups(
-    module: nn.Module, weight_decay: float, *, trainable_only: bool = True
+    module: nn.Module, weight_decay: float | None, *, trainable_only: bool = True
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into a decayed group and a no-decay group.
 
@@ -22,7 +22,9 @@ def build_param_groups(
 
     Args:
         module: The model whose ``named_parameters()`` are grouped.
-        weight_decay: Decay for the weight group; the other group always gets 0.
+        weight_decay: Decay for the weight group; the other group always gets 0. ``None`` leaves the
+            weight group without a ``weight_decay`` key, so it takes the optimizer's own setting
+            (the value in a config's ``optimizer.init_args``).
         trainable_only: Skip parameters with ``requires_grad=False``.
 
     Returns:
@@ -36,8 +38,8 @@ def build_param_groups(
         if trainable_only and not param.requires_grad:
             continue
         (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    decay_group: dict[str, Any] = {"params": decay}
+    if weight_decay is not None:
+        decay_group["weight_decay"] = weight_decay
+    groups = [decay_group, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]

@@ -36,3 +36,9 @@ def test_adamw_leaves_no_decay_group_untouched_by_decay():
     model[0].bias.grad = torch.zeros(4)
     opt.step()
     assert torch.equal(model[0].weight.data, torch.full((4,), 2.0))
+
+
+def test_none_weight_decay_takes_the_optimizer_default():
+    model = _model()
+    opt = torch.optim.AdamW(build_param_groups(model, None), lr=0.1, weight_decay=0.3)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.3, 0.0]
