@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     if bad:
         print(f"effbackbone info: unknown variant(s) {bad}; valid names: {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
-    rows = [describe(n, VARIANTS[n]) for n in names]
     custom: dict[str, float] = {}
+    extra: list[tuple[str, Variant, dict[str, float]]] = []
     if args.phi is not None:
         try:
             variant = resolve_variant(args.base, args.phi, args.alpha, args.beta, args.gamma)
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"effbackbone info: {e}", file=sys.stderr)
             return 2
         coeffs = {"phi": args.phi, "alpha": args.alpha, "beta": args.beta, "gamma": args.gamma}
-        rows.append(describe(f"{args.base}@phi={args.phi:g}", variant, **coeffs))
+        extra.append((f"{args.base}@phi={args.phi:g}", variant, coeffs))
         custom = {**coeffs, "flops_base": args.alpha * args.beta**2 * args.gamma**2}
+    rows = [describe(n, VARIANTS[n]) for n in names] + [describe(n, v, **c) for n, v, c in extra]
     if args.json:
         print(json.dumps({"models": [asdict(r) for r in rows], "custom": custom or None}, indent=2))
         return 0

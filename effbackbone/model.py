@@ -253,6 +253,8 @@ class EfficientNet(nn.Module):
 
 def _init_weights(model: nn.Module) -> None:
     """TF reference initialisation (as timm's ``_init_weight_goog``)."""
+    if any(p.is_meta for p in model.parameters()):
+        return  # shapes only (profiling): random init on meta tensors costs time and means nothing
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
