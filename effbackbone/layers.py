@@ -122,6 +122,8 @@ def adapt_stem_weight(weight: Tensor, in_channels: int, mode: str = "repeat") ->
     if in_channels == src_c:
         return weight
     if mode == "repeat":
+        if in_channels == 1:
+            return weight.sum(1, keepdim=True)  # as documented (timm, smp): gray = R + G + B filters
         idx = torch.arange(in_channels) % src_c
         return weight[:, idx] * (src_c / in_channels)
     if mode == "mean":
