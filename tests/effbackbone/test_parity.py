@@ -120,3 +120,14 @@ def test_torchvision_parity(source, name, record_property):
     with torch.no_grad():
         ref_logits, ref_levels = _torchvision_levels(src, x)
         _compare(feats(x), ref_levels, cls(x), ref_logits, record_property)
+
+
+def test_tf_weights_without_tf_compat_differ():
+    """The comparison is sensitive: TF-ported weights with PyTorch padding and eps give other numbers."""
+    timm = pytest.importorskip("timm")
+    gen = torch.Generator().manual_seed(0)
+    src = randomize_bn(timm.create_model("tf_efficientnet_b0"), gen)
+    x = torch.randn(1, 3, 65, 97, generator=gen)
+    wrong = create_model("b0", features_only=False, weights=src.state_dict()).eval()
+    with torch.no_grad():
+        assert (wrong(x) - src(x)).abs().max().item() > 100 * TOL
