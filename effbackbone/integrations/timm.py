@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
 import torch
 from timm.layers import SelectAdaptivePool2d
 from timm.models import FeatureInfo, build_model_with_cfg, is_model, register_model
+from timm.models._builder import pretrained_cfg_for_features
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from effbackbone.arch import VARIANTS
 from effbackbone.factory import make_config
 from effbackbone.model import EfficientNet, ModelConfig
-from effbackbone.weights import detect_layout, torchvision_to_timm
+from effbackbone.weights import check_state_dict, detect_layout, torchvision_to_timm
 
 PREFIX = "effbackbone_"
 MODEL_NAMES: tuple[str, ...] = tuple(PREFIX + key for key in VARIANTS)
@@ -86,7 +88,7 @@ class TimmEfficientNet(EfficientNet):
 
     def __init__(self, cfg: ModelConfig, *, num_classes: int = 1000, global_pool: str = "avg") -> None:
         super().__init__(cfg, features_only=False, num_classes=num_classes)
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.num_features
         self.drop_rate = cfg.drop_rate
         self.feature_info = _feature_info(self)
@@ -98,7 +100,7 @@ class TimmEfficientNet(EfficientNet):
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
         """New classifier for ``num_classes`` (0 = none) and pooling ``global_pool`` ('' = none)."""
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         super().reset_classifier(num_classes)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -207,13 +209,32 @@ def _build(
     return TimmEfficientNet(cfg, num_classes=num_classes, global_pool=global_pool)
 
 
-def _filter_state_dict(state_dict: Mapping[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """Make a checkpoint fit: torchvision keys renamed to ours, head dropped for feature models."""
+def _filter_state_dict(
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, set_eps: bool
+) -> dict[str, Tensor]:
+    """Make a checkpoint fit: torchvision keys renamed to ours, head dropped for feature models.
+
+    torchvision trained some variants with BatchNorm eps 1e-3, which no state dict records; unless
+    the caller chose ``bn_eps``, the model takes that eps when it receives torchvision weights.
+    """
     sd = dict(state_dict)
     if detect_layout(sd) == "torchvision":
         sd = torchvision_to_timm(sd, model)
+        eps = make_config(key, layout="torchvision").bn_eps
+        if set_eps and isinstance(model, EfficientNet) and eps != model.cfg.bn_eps:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eps = eps
+            model.cfg = replace(model.cfg, bn_eps=eps)
     if not hasattr(model, "conv_head"):
         sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
+    # Fail with our key/shape report rather than torch's list of hundreds of keys. timm adapts the
+    # stem to in_chans and drops a classifier of another size after this filter: skip those two.
+    target = {k: v for k, v in model.state_dict().items() if not k.startswith("classifier.")}
+    found = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
+    if "conv_stem.weight" in found and "conv_stem.weight" in target:
+        found["conv_stem.weight"] = target["conv_stem.weight"]
+    check_state_dict(found, target)
     return sd
 
 
@@ -223,15 +244,22 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     mode = ""
     if kwargs.pop("features_only", False):
         mode = "cfg" if ("feature_cfg" in kwargs or "feature_cls" in kwargs) else "cls"
+    if mode == "cfg":
+        # Our levels are outputs of stages inside ``blocks``; timm's list/dict wrappers find them only
+        # when that Sequential is flattened (timm's own EfficientNet fails here without it).
+        kwargs["feature_cfg"] = {"flatten_sequential": True, **(kwargs.get("feature_cfg") or {})}
     model = build_model_with_cfg(
         partial(_build, key, features=mode == "cls"),
         PREFIX + key,
         pretrained,
         features_only=mode == "cfg",
-        pretrained_filter_fn=_filter_state_dict,
+        pretrained_filter_fn=partial(_filter_state_dict, key=key, set_eps="bn_eps" not in kwargs),
         kwargs_filter=("num_classes", "global_pool") if mode == "cls" else None,
         **kwargs,
     )
+    if mode == "cls":
+        # As timm's own features_only models: no classifier fields in the cfg of a feature extractor.
+        model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
     if isinstance(model, EfficientNet):
         if post.get("frozen_stages") or post.get("norm_eval"):
             model.freeze(int(post.get("frozen_stages", 0)), bool(post.get("norm_eval", False)))

@@ -1,0 +1,357 @@
+"""timm registry: our names pass the checks of timm's own model test suite (tests/test_models.py).
+
+Each ``test_model_*`` below mirrors the timm test of the same name for the ``effbackbone_*`` names
+(sizes reduced for CPU); the large variants run with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+
+from timm.layers import get_channel_dim, get_spatial_dim  # noqa: E402
+
+import effbackbone  # noqa: E402
+from effbackbone.arch import VARIANTS  # noqa: E402
+from effbackbone.integrations import timm as etimm  # noqa: E402
+
+FAST = ("effbackbone_b0",)
+
+
+def _fast_or_slow(names: tuple[str, ...]) -> list:
+    return [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+NAMES = _fast_or_slow(etimm.MODEL_NAMES)
+SOME = _fast_or_slow(("effbackbone_b0", "effbackbone_lite0", "effbackbone_v2_s"))  # one per family
+
+
+def _native(name: str) -> int:
+    return VARIANTS[name.removeprefix("effbackbone_")].resolution
+
+
+def _size(name: str, target: int) -> tuple[int, int, int]:
+    res = min(_native(name), target)
+    return (3, res, res)
+
+
+def _nparams(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_all_names_registered_idempotently():
+    assert set(timm.list_models("effbackbone_*")) == set(etimm.MODEL_NAMES)
+    assert len(etimm.MODEL_NAMES) == len(VARIANTS) == 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # timm warns when a name is registered twice
+        assert etimm.register() == list(etimm.MODEL_NAMES)
+    assert timm.models.get_arch_name("effbackbone_b3") == "effbackbone_b3"
+    assert "effbackbone_b0" in timm.list_models(module="timm")  # timm files entrypoints by module basename
+
+
+@pytest.mark.parametrize("name", etimm.MODEL_NAMES)
+def test_pretrained_cfg(name):
+    cfg = timm.get_pretrained_cfg(name).to_dict()
+    res = _native(name)
+    assert cfg["architecture"] == name
+    assert cfg["input_size"] == (3, res, res)
+    assert cfg["pool_size"] == (math.ceil(res / 32),) * 2
+    assert 0.8 < cfg["crop_pct"] < 1 and cfg["interpolation"] == "bicubic"
+    assert len(cfg["mean"]) == len(cfg["std"]) == 3
+    assert cfg["num_classes"] == 1000
+    assert (cfg["first_conv"], cfg["classifier"], cfg["license"]) == ("conv_stem", "classifier", "apache-2.0")
+    assert not timm.models.is_model_pretrained(name)  # no download source: weights come from local files
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_forward(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(1, *_size(name, 96))
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (1, 1000)
+    assert not torch.isnan(out).any()
+    model.set_grad_checkpointing()
+    with torch.no_grad():
+        out2 = model(x)
+    torch.testing.assert_close(out, out2, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_backward(name):
+    model = timm.create_model(name, pretrained=False, num_classes=42).train()
+    out = model(torch.randn(2, *_size(name, 64)))
+    out.mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing[:5]}"
+    assert out.shape == (2, 42)
+    assert not torch.isnan(out).any()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_default_cfgs(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
+    state_dict = model.state_dict()
+    cfg = model.default_cfg
+    pool_size, input_size = cfg["pool_size"], cfg["input_size"]
+    spatial_axis, feat_axis = get_spatial_dim("NCHW"), get_channel_dim("NCHW")
+    x = torch.randn(1, *input_size)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        pre = model.forward_head(feats, pre_logits=True)
+        assert (feats.shape[spatial_axis[0]], feats.shape[spatial_axis[1]]) == pool_size
+        assert feats.shape[feat_axis] == model.num_features
+        assert pre.shape[1] == model.head_hidden_size
+        model.reset_classifier(0)
+        assert model.num_classes == 0
+        out = model(x)
+        assert out.shape == pre.shape and out.ndim == 2
+        model.reset_classifier(0, "")
+        out = model(x)
+        assert out.ndim == 4 and tuple(out.shape[2:]) == pool_size
+        model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="").eval()
+        out = model(x)
+        assert out.ndim == 4 and tuple(out.shape[2:]) == pool_size
+    for key in (cfg["classifier"], cfg["first_conv"]):
+        assert key + ".weight" in state_dict
+
+
+@pytest.mark.parametrize("name", SOME)
+@pytest.mark.parametrize("tf_compat", [False, True])
+def test_model_forward_torchscript(name, tf_compat):
+    with timm.set_scriptable(True):
+        model = timm.create_model(name, pretrained=False, tf_compat=tf_compat).eval()
+    scripted = torch.jit.script(model)
+    x = torch.randn(1, *_size(name, 64))
+    with torch.no_grad():
+        out = scripted(x)
+        ref = model(x)
+    assert out.shape == (1, 1000) and not torch.isnan(out).any()
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_model_forward_features(name):
+    model = timm.create_model(name, pretrained=False, features_only=True).eval()
+    channels, reductions = model.feature_info.channels(), model.feature_info.reduction()
+    assert len(channels) == 5 and reductions == [2, 4, 8, 16, 32]
+    size = _size(name, 96)
+    with torch.no_grad():
+        outs = model(torch.randn(1, *size))
+    assert isinstance(outs, list) and len(outs) == len(channels)
+    for c, r, o in zip(channels, reductions, outs, strict=True):
+        assert o.shape[1] == c
+        assert o.shape[2] <= math.ceil(size[1] / r) + 1 and o.shape[3] <= math.ceil(size[2] / r) + 1
+        assert not torch.isnan(o).any()
+    # Same levels, channels and strides as our own features_only encoder.
+    ours = effbackbone.create_model(name.removeprefix("effbackbone_"))
+    assert channels == ours.feature_channels and reductions == ours.feature_strides
+    assert model.feature_info.module_name() == [s.module for s in ours.feature_specs]
+
+
+def test_features_out_indices_and_effdet_accessors():
+    model = timm.create_model("effbackbone_b0", features_only=True, out_indices=(2, 3, 4))
+    assert model.feature_info.channels() == [40, 112, 320]
+    assert model.feature_info.get_dicts(keys=["num_chs", "reduction"]) == [
+        {"num_chs": 40, "reduction": 8}, {"num_chs": 112, "reduction": 16}, {"num_chs": 320, "reduction": 32},
+    ]
+    assert [o.shape[1] for o in model(torch.randn(1, 3, 64, 64))] == [40, 112, 320]
+    assert "conv_head.weight" not in model.state_dict()
+    assert model.pretrained_cfg["input_size"] == (3, 224, 224) and "classifier" not in model.pretrained_cfg
+
+
+@pytest.mark.parametrize("feature_cls", ["getter", "list", "dict", "hook", "fx"])
+def test_timm_feature_wrappers_match(feature_cls):
+    ref = timm.create_model("effbackbone_b0", features_only=True, out_indices=(1, 2, 4)).eval()
+    model = timm.create_model("effbackbone_b0", features_only=True, out_indices=(1, 2, 4), feature_cls=feature_cls)
+    model.eval()
+    assert model.feature_info.channels() == ref.feature_info.channels()
+    # The wrappers rename or prune modules but keep their order: copy the weights across by position.
+    theirs, ours = model.state_dict(), ref.state_dict()
+    assert [v.shape for v in theirs.values()] == [v.shape for v in ours.values()]
+    model.load_state_dict(dict(zip(theirs, ours.values(), strict=True)))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        out = list(out.values()) if isinstance(out, dict) else out
+        for a, b in zip(out, ref(x), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", SOME)
+def test_model_forward_intermediates(name):
+    model = timm.create_model(name, pretrained=False).eval()
+    info = timm.models.FeatureInfo(model.feature_info, len(model.feature_info))
+    size = _size(name, 96)
+    x = torch.randn(1, *size)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x, output_fmt="NCHW")
+        assert len(inter) == len(info.channels()) == 5
+        for c, r, o in zip(info.channels(), info.reduction(), inter, strict=True):
+            assert o.shape[1] == c and o.shape[2] <= math.ceil(size[1] / r) + 1
+        torch.testing.assert_close(final, model.forward_features(x))
+        last2 = model.forward_intermediates(x, indices=2, intermediates_only=True, stop_early=True)
+        assert [t.shape for t in last2] == [t.shape for t in inter[-2:]]
+        model.set_grad_checkpointing()
+        final3, _ = model.forward_intermediates(x)
+        torch.testing.assert_close(final, final3, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="NCHW"):
+        model.forward_intermediates(x, output_fmt="NHWC")
+
+
+@pytest.mark.parametrize("tf_compat", [False, True])
+def test_model_forward_and_backward_fx(tf_compat):
+    fe = pytest.importorskip("torchvision.models.feature_extraction")
+    tracer_kwargs = {
+        "leaf_modules": timm.models.get_notrace_modules(),
+        "autowrap_functions": timm.models.get_notrace_functions(),
+        "param_shapes_constant": True,
+    }
+    model = timm.create_model("effbackbone_b0", pretrained=False, tf_compat=tf_compat, num_classes=42).eval()
+    train_nodes, eval_nodes = fe.get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    fx_model = fe.create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(next(iter(fx_model(x).values())), model(x))
+    fx_model.train()
+    out = next(iter(fx_model(torch.randn(2, 3, 64, 64)).values()))
+    out.mean().backward()
+    assert out.shape == (2, 42)
+    assert all(p.grad is not None for p in fx_model.parameters())
+
+
+# -- pretrained weights from local files (timm's test_model_load_pretrained / _features_pretrained) --
+
+
+@pytest.fixture(scope="module")
+def timm_b0_file(tmp_path_factory):
+    torch.manual_seed(0)
+    src = timm.create_model("efficientnet_b0", pretrained=False).eval()
+    path = tmp_path_factory.mktemp("w") / "efficientnet_b0.safetensors"
+    safetensors = pytest.importorskip("safetensors.torch")
+    safetensors.save_file(src.state_dict(), str(path))
+    return src, str(path)
+
+
+def test_pretrained_file_gives_timm_logits(timm_b0_file):
+    src, path = timm_b0_file
+    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - src(x)).abs().max().item() == 0.0
+        model.reset_classifier(0)
+        src.reset_classifier(0)
+        assert torch.equal(model(x), src(x))
+
+
+def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
+    src, path = timm_b0_file
+    for num_classes in (5, 0):
+        model = timm.create_model(
+            "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, in_chans=1,
+            num_classes=num_classes,
+        )
+        # timm's adapt_input_conv sums the RGB kernels for one input channel.
+        torch.testing.assert_close(model.conv_stem.weight, src.conv_stem.weight.sum(1, keepdim=True))
+        torch.testing.assert_close(model.blocks[3][0].conv_pw.weight, src.blocks[3][0].conv_pw.weight)
+        assert model.num_classes == num_classes
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, num_classes or model.num_features)
+
+
+def test_model_features_pretrained(timm_b0_file):
+    src, path = timm_b0_file
+    model = timm.create_model(
+        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, features_only=True,
+        out_indices=(2, 3, 4),
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = src.forward_intermediates(x, indices=[2, 3, 4], intermediates_only=True)
+        for a, b in zip(model(x), ref, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_pretrained_tf_weights_with_tf_compat(tmp_path):
+    src = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
+    path = tmp_path / "tf_b0.pth"
+    torch.save(src.state_dict(), path)
+    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
+                              tf_compat=True).eval()
+    x = torch.randn(1, 3, 67, 61)  # odd sizes exercise TF "same" padding
+    with torch.no_grad():
+        assert (model(x) - src(x)).abs().max().item() == 0.0
+
+
+@pytest.mark.parametrize("name", ["b0", "v2_s"])
+def test_pretrained_torchvision_file(tmp_path, name):
+    tvm = pytest.importorskip("torchvision.models")
+    src = getattr(tvm, f"efficientnet_{name}")().eval()
+    path = tmp_path / f"tv_{name}.pth"
+    torch.save(src.state_dict(), path)
+    model = timm.create_model(f"effbackbone_{name}", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    model.eval()
+    # torchvision's V2 uses BN eps 1e-3, which the state dict does not record: set from the layout.
+    assert model.bn1.eps == src.features[0][1].eps
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), src(x), rtol=0, atol=1e-5)
+
+
+def test_wrong_weights_file_is_refused(tmp_path, timm_b0_file):
+    _, path = timm_b0_file
+    with pytest.raises(effbackbone.WeightsError, match="missing keys.*create_model"):
+        timm.create_model("effbackbone_b1", pretrained=True, pretrained_cfg_overlay={"file": path}, num_classes=1000)
+    bad = tmp_path / "bad.pth"
+    torch.save({"foo.weight": torch.zeros(1)}, bad)
+    with pytest.raises(effbackbone.WeightsError, match="unrecognised weight layout"):
+        timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(bad)})
+
+
+# -- timm model API and our options --
+
+
+def test_same_state_dict_as_timm_and_ours():
+    model = timm.create_model("effbackbone_b0")
+    assert isinstance(model, effbackbone.EfficientNet)
+    ref = timm.create_model("efficientnet_b0")
+    ours = effbackbone.create_model("b0", features_only=False)
+    assert list(model.state_dict()) == list(ours.state_dict())
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert _nparams(model) == _nparams(ref) == 5_288_548
+
+
+def test_classifier_api_and_layer_decay():
+    model = timm.create_model("effbackbone_b0", num_classes=10)
+    assert model.get_classifier() is model.classifier and model.classifier.out_features == 10
+    model.reset_classifier(3, "max")
+    assert model.classifier.out_features == 3 and model.global_pool.pool_type == "max"
+    groups = timm.models.group_parameters(model, model.group_matcher(coarse=True))
+    assert sum(len(v) for v in groups.values()) == len(list(model.named_parameters()))
+    # Layer-wise LR decay uses the fine group_matcher: stem, every block, head.
+    from timm.optim import create_optimizer_v2
+
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, layer_decay=0.8)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) == 1 + sum(len(stage) for stage in model.blocks) + 1 and scales[-1] == 1.0
+
+
+def test_effbackbone_options_pass_through():
+    model = timm.create_model("effbackbone_b0", features_only=True, output_stride=16, frozen_stages=2,
+                              drop_path_rate=0.1)
+    assert model.feature_info.reduction() == [2, 4, 8, 16, 16]
+    assert not model.conv_stem.weight.requires_grad and model.blocks[3][0].conv_pw.weight.requires_grad
+    model = timm.create_model("effbackbone_b0", tf_compat=True, grad_checkpointing=True)
+    assert model.bn1.eps == 1e-3 and model.grad_checkpointing
+    assert model.conv_stem.__class__.__name__ == "Conv2dSame"
+    with pytest.raises(TypeError, match="valid options"):
+        timm.create_model("effbackbone_b0", tf_compat_typo=True)
+    with pytest.raises(TypeError, match="stem_adapt"):
+        timm.create_model("effbackbone_b0", stem_adapt="mean")
