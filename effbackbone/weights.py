@@ -153,13 +153,16 @@ def load_weights(
         if key not in target and key.split(".")[0] in ("conv_head", "bn2", "classifier"):
             skipped.append(key)  # a features_only model has no head
             del sd[key]
-    for key in ("classifier.weight", "classifier.bias"):
-        if key in sd and key in target and sd[key].shape != target[key].shape:
-            warnings.warn(
-                f"classifier of the checkpoint has shape {tuple(sd[key].shape)}, the model "
-                f"{tuple(target[key].shape)}: keeping the model's fresh classifier",
-                stacklevel=2,
-            )
+    head = ("classifier.weight", "classifier.bias")
+    mismatched = [k for k in head if k in sd and k in target and sd[k].shape != target[k].shape]
+    if mismatched:
+        key = mismatched[0]
+        warnings.warn(  # one warning for weight and bias
+            f"classifier of the checkpoint has shape {tuple(sd[key].shape)}, the model "
+            f"{tuple(target[key].shape)}: keeping the model's fresh classifier",
+            stacklevel=2,
+        )
+        for key in mismatched:
             skipped.append(key)
             sd[key] = target[key]
     stem = sd.get("conv_stem.weight")
