@@ -1,0 +1,62 @@
+"""Albumentations pipelines for detection: letterbox to the model size, plus train-time jitter.
+
+Boxes travel as ``pascal_voc`` (``boxes_xyxy`` in pixels) with ``labels`` as a label field, so
+albumentations drops a label whenever it drops its box and the two stay aligned.
+
+The letterbox keeps the aspect ratio and pads at the bottom/right only, so a box in model
+coordinates maps back to the original image by one multiplication with ``img_scale``
+(``letterbox_scale``); effdet's ``DetBench*`` use the same convention.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import albumentations as A
+import cv2
+
+# ImageNet mean as uint8: padding with it becomes 0 after normalisation.
+_PAD_FILL = (124, 116, 104)
+
+
+def letterbox_scale(width: int, height: int, image_size: int) -> float:
+    """Original-pixels-per-model-pixel of the letterbox: multiply model boxes by it to map back."""
+    return max(width, height) / image_size
+
+
+def _bbox_params(split: str) -> A.BboxParams:
+    # Train crops can cut boxes: drop those mostly outside; the val pipeline never cuts any.
+    min_visibility = 0.3 if split == "train" else 0.0
+    return A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, min_width=1.0, min_height=1.0,
+        clip=True,
+    )
+
+
+def build_det_transforms(
+    split: Literal["train", "val", "test", "predict"], image_size: int, augment: bool = True
+) -> A.Compose:
+    """The pipeline for ``split``: letterbox + normalise, and for ``train`` (with ``augment``) jitter.
+
+    Args:
+        split: ``train`` gets horizontal flip, scale/translate jitter and colour jitter; the
+            other splits only the letterbox.
+        image_size: Square model input side in pixels (a multiple of 128 for EfficientDet P3-P7).
+        augment: ``False`` gives the plain letterbox for ``train`` too (for overfitting checks).
+
+    Returns:
+        A ``Compose`` called as ``t(image=hwc_uint8, bboxes=boxes_xyxy, labels=labels)``.
+    """
+    letterbox: list[A.BasicTransform] = [
+        A.LongestMaxSize(max_size=image_size),
+        A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=_PAD_FILL),
+    ]
+    jitter: list[A.BasicTransform] = []
+    if split == "train" and augment:
+        jitter = [
+            A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,
+                     fill=_PAD_FILL, p=0.5),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ]
+    return A.Compose([*letterbox, *jitter, A.Normalize()], bbox_params=_bbox_params(split))

@@ -1,0 +1,85 @@
+"""COCO detection metrics with pycocotools, as pure functions.
+
+``to_coco_results`` turns per-image predictions (``boxes_xyxy`` in original-image pixels,
+0-based contiguous ``labels``) into COCO's results list (``bbox`` as ``[x, y, w, h]``, original
+``category_id``); ``coco_map`` runs ``COCOeval`` on it and returns the six AP numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import Tensor
+
+from tasks.boxes import xyxy_to_xywh
+
+# Names of COCOeval.stats[0:6], in order.
+COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def to_coco_results(
+    image_ids: Sequence[int], detections: Sequence[Mapping[str, Tensor]], category_ids: Sequence[int],
+    score_threshold: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Per-image detections to COCO results dicts.
+
+    Args:
+        image_ids: COCO ``image_id`` of each entry of ``detections``.
+        detections: ``{"boxes_xyxy": (N, 4), "scores": (N,), "labels": (N,)}`` per image, boxes
+            in original-image pixels and labels contiguous ``0..K-1``.
+        category_ids: COCO ``category_id`` of each label (``CategoryMap.category_ids``).
+        score_threshold: Drop detections scoring below this.
+
+    Returns:
+        ``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]`` (plain Python types).
+    """
+    if len(image_ids) != len(detections):
+        raise ValueError(f"got {len(image_ids)} image ids for {len(detections)} detection entries")
+    results: list[dict[str, Any]] = []
+    for image_id, det in zip(image_ids, detections, strict=True):
+        keep = det["scores"] >= score_threshold
+        bbox_xywh = xyxy_to_xywh(det["boxes_xyxy"][keep].detach().float().cpu()).tolist()
+        scores = det["scores"][keep].detach().float().cpu().tolist()
+        labels = det["labels"][keep].detach().cpu().tolist()
+        for box, score, label in zip(bbox_xywh, scores, labels, strict=True):
+            results.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+                            "bbox": [round(v, 2) for v in box], "score": round(float(score), 5)})
+    return results
+
+
+def coco_map(
+    coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int] | None = None
+) -> dict[str, float]:
+    """COCO box AP of ``results`` against ``coco_gt``.
+
+    Args:
+        coco_gt: Ground truth (``pycocotools.coco.COCO``).
+        results: COCO results dicts (``to_coco_results``); may be empty.
+        image_ids: Evaluate on these images only (the ones actually predicted, e.g. under
+            ``limit_val_batches``); default: every image of ``coco_gt``.
+
+    Returns:
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``. With no results every value is 0.0;
+        COCOeval's -1 (no ground truth in that size range) is kept as -1.0.
+    """
+    ids = sorted(set(int(i) for i in image_ids)) if image_ids is not None else sorted(coco_gt.getImgIds())
+    unknown = {int(r["image_id"]) for r in results} - set(coco_gt.getImgIds())
+    if unknown:
+        raise ValueError(f"results name image ids absent from the ground truth: {sorted(unknown)[:10]}")
+    if not results or not ids:
+        return dict.fromkeys(COCO_METRICS, 0.0)
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
+        # loadRes adds keys (area, id, segmentation) to the dicts it is given: keep the caller's intact.
+        coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator.params.imgIds = ids
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6], strict=True)}
