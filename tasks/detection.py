@@ -50,7 +50,7 @@ def num_anchors(image_size: int, min_level: int = 3, max_level: int = 7, per_loc
     return sum(per_location * (image_size // 2**lvl) ** 2 for lvl in range(min_level, max_level + 1))
 
 
-def _gather(obj: Any) -> list[Any]:  # noqa: ANN401 - any picklable object
+def all_gather_objects(obj: Any) -> list[Any]:  # noqa: ANN401 - any picklable object
     """``obj`` from every rank (a one-element list outside DDP); every rank must call it."""
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -197,7 +197,9 @@ class DetectionTask(L.LightningModule):
         """The focal + box loss (effdet's) on one batch."""
         out = self.detector(batch["image"], self._target(batch))
         self._log_losses(out, "train", len(batch["image"]))
-        parts = f"class_loss={float(out['class_loss']):.4g}, box_loss={float(out['box_loss']):.4g}"
+        parts = ""
+        if not bool(torch.isfinite(out["loss"].detach())):  # name the culprit only when there is one
+            parts = f"class_loss={out['class_loss'].item():.4g}, box_loss={out['box_loss'].item():.4g}"
         return check_loss(out["loss"], self.global_step, self.nonfinite_loss, parts)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
@@ -221,7 +223,7 @@ class DetectionTask(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         # Every rank gathers every rank's results (all ranks must call the collective, also those
         # without results) and evaluates the same set, so the logged numbers agree everywhere.
-        gathered = _gather((self._results, self._image_ids))
+        gathered = all_gather_objects((self._results, self._image_ids))
         self._results, self._image_ids = [], []
         results: list[dict[str, Any]] = []
         seen: set[int] = set()
@@ -293,4 +295,4 @@ class DetectionTask(L.LightningModule):
             self.category_ids, self.class_names = tuple(cats["category_ids"]), tuple(cats["names"])
 
 
-__all__ = ["DetectionTask", "num_anchors"]
+__all__ = ["DetectionTask", "all_gather_objects", "num_anchors"]

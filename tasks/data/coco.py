@@ -88,7 +88,7 @@ def load_rgb(path: Path) -> np.ndarray:
         if im.mode in ("I;16", "I;16B", "I"):  # 16/32-bit grey: rescale rather than clip to 255
             arr = np.asarray(im, dtype=np.float32)
             im = Image.fromarray((255 * arr / max(float(arr.max()), 1.0)).astype(np.uint8))
-        return np.asarray(im.convert("RGB"))
+        return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only)
 
 
 class CocoDetection(Dataset[dict[str, Any]]):

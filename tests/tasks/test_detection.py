@@ -1,0 +1,144 @@
+"""DetectionTask through the CLI (fit, predict) and its options (EMA, frozen backbone, checks)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("effdet")
+pytest.importorskip("pycocotools")
+pytest.importorskip("jsonargparse")
+
+from tasks.cli import main, run_cli  # noqa: E402
+from tasks.data.coco import CocoDataModule  # noqa: E402
+from tasks.data.synthetic_coco import SyntheticCocoSpec  # noqa: E402
+from tasks.detection import DetectionTask  # noqa: E402
+from tasks.predict_det import predict_folder  # noqa: E402
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf" / "det_d0.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # The CI box is 2 shared cores: one intra-op thread avoids oversubscription stalls.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One short CLI fit (2 steps + validation) on generated COCO data with sparse ids 3, 17, 90."""
+    root = tmp_path_factory.mktemp("det")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cli = run_cli(["fit", "--config", CONF, f"--data.init_args.root={root / 'data'}",
+                       f"--trainer.default_root_dir={root}"])
+    finally:
+        torch.set_num_threads(n)
+    return SimpleNamespace(root=root, cli=cli, ckpt=root / "checkpoints" / "last.ckpt")
+
+
+def test_cli_fit_fast_dev_run_frozen_backbone(tmp_path):
+    args = ["fit", "--config", CONF, "--trainer.fast_dev_run=true", f"--data.init_args.root={tmp_path / 'data'}",
+            f"--trainer.default_root_dir={tmp_path}", "--model.init_args.freeze_backbone=true",
+            "--model.init_args.ema_decay=null"]
+    assert main(args) == 0
+    assert (tmp_path / "data" / "annotations" / "instances_train.json").is_file()  # generated on first use
+
+
+def test_cli_fit_logs_coco_map_and_checkpoints_categories(trained):
+    metrics = trained.cli.trainer.callback_metrics
+    for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/loss", "train/loss"):
+        assert name in metrics, name
+    assert 0.0 <= float(metrics["val/AP"]) <= 1.0
+    task = trained.cli.model
+    assert task.num_classes == 3 and task.category_ids == (3, 17, 90)  # linked from the data, sparse ids kept
+    ckpt = torch.load(trained.ckpt, map_location="cpu", weights_only=True)
+    assert ckpt["detection_categories"]["category_ids"] == [3, 17, 90]
+    assert any(k.startswith("ema.module.") for k in ckpt["state_dict"])
+
+
+def test_predict_folder_from_checkpoint(trained, tmp_path):
+    images = trained.root / "data" / "val" / "images"
+    results_path = predict_folder(trained.ckpt, images, tmp_path / "pred", batch_size=2, score_threshold=0.0)
+    results = json.loads(results_path.read_text())
+    index = json.loads((tmp_path / "pred" / "images.json").read_text())
+    sizes = {im["id"]: (im["width"], im["height"]) for im in index["images"]}
+    assert len(sizes) == len(list(images.iterdir())) and results
+    assert {r["category_id"] for r in results} <= {3, 17, 90}
+    for r in results:  # original-image pixels: inside the image the box was found in
+        x, y, w, h = r["bbox"]
+        width, height = sizes[r["image_id"]]
+        assert 0 <= x and 0 <= y and w >= 0 and h >= 0 and x + w <= width + 0.01 and y + h <= height + 0.01
+    assert len(list((tmp_path / "pred").glob("*_det.png"))) == len(sizes)
+
+
+def test_cli_predict_writes_results(trained, tmp_path):
+    args = ["predict", "--config", CONF, f"--ckpt_path={trained.ckpt}",
+            f"--data.init_args.root={trained.root / 'data'}",
+            f"--data.init_args.predict_dir={trained.root / 'data' / 'val' / 'images'}",
+            f"--trainer.default_root_dir={tmp_path}"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "predictions" / "results.json").read_text())
+    assert {r["category_id"] for r in results} <= {3, 17, 90}
+    assert (tmp_path / "predictions" / "images.json").is_file()
+
+
+def test_ema_weights_are_used_for_evaluation():
+    task = DetectionTask(num_classes=2, image_size=128, ema_decay=0.5)
+    assert task.eval_bench() is task.ema.module
+    param = task.detector.model.class_net.predict.conv_pw.weight
+    ema_param = task.ema.module.model.class_net.predict.conv_pw.weight
+    task.ema.update_parameters(task.detector)  # first update copies
+    start = param.detach().clone()
+    with torch.no_grad():
+        param.add_(1.0)
+    task.ema.update_parameters(task.detector)  # warm-up decay min(0.5, 2/11) = 2/11
+    torch.testing.assert_close(ema_param, start + 9 / 11)
+    assert not any(p.requires_grad for p in task.ema.parameters())
+
+
+def test_frozen_backbone_is_excluded_and_kept_in_eval():
+    task = DetectionTask(num_classes=2, image_size=128, freeze_backbone=True)
+    task.train()
+    backbone = task.detector.model.backbone
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not any(m.training for m in backbone.modules())
+    assert task.detector.model.fpn.training
+    optimizer = task.configure_optimizers()
+    optimized = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert not optimized & {id(p) for p in backbone.parameters()}
+    decays = sorted(g["weight_decay"] for g in optimizer.param_groups)
+    assert decays == [0.0, optimizer.defaults["weight_decay"]]  # norms/biases get none
+
+
+def test_setup_checks_classes_and_image_size(tmp_path):
+    spec = SyntheticCocoSpec(num_train=2, num_val=1, num_classes=3, min_size=40, max_size=60)
+    dm = CocoDataModule(root=str(tmp_path), image_size=128, synthetic=spec)
+    task = DetectionTask(num_classes=2, image_size=128)
+    task._trainer = SimpleNamespace(datamodule=dm)
+    with pytest.raises(ValueError, match="num_classes=3"):
+        task.setup("fit")
+    task = DetectionTask(num_classes=3, image_size=256)
+    task._trainer = SimpleNamespace(datamodule=dm)
+    with pytest.raises(ValueError, match="image_size"):
+        task.setup("fit")
+
+
+def test_forward_maps_to_original_pixels():
+    task = DetectionTask(num_classes=2, image_size=128).eval()
+    with torch.no_grad():
+        dets = task(torch.randn(2, 3, 128, 128), torch.tensor([2.0, 0.5]), torch.tensor([[256.0, 100.0], [64.0, 64.0]]))
+    assert len(dets) == 2
+    for det, (w, h) in zip(dets, [(256, 100), (64, 64)], strict=True):
+        b = det["boxes_xyxy"]
+        assert b.shape[1] == 4 and len(b) == len(det["scores"]) == len(det["labels"])
+        assert bool((b[:, 2] <= w).all() and (b[:, 3] <= h).all() and (b >= 0).all())
+        assert bool(((det["labels"] >= 0) & (det["labels"] < 2)).all())
