@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from effbackbone.activations import set_memory_efficient
 from effbackbone.arch import FAMILIES, VARIANTS, Variant
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.scaling import ALPHA, BETA, GAMMA, compound
@@ -20,7 +21,7 @@ _FAMILY_BASE = {"efficientnet": "b0", "lite": "lite0", "v2_s": "v2_s", "v2_m": "
 _OPTIONS = frozenset(
     {
         "phi", "alpha", "beta", "gamma", "tf_compat", "padding", "bn_eps", "bn_momentum", "drop_rate",
-        "frozen_stages", "norm_eval", "grad_checkpointing", "channels_last", "stem_adapt",
+        "frozen_stages", "norm_eval", "grad_checkpointing", "channels_last", "stem_adapt", "memory_efficient",
     }
 )
 
@@ -127,7 +128,8 @@ def create_model(
             padding and BN eps 1e-3); ``padding``, ``bn_eps``, ``bn_momentum``, ``drop_rate``;
             ``frozen_stages`` (0-5: freeze stem and levels up to C{n}), ``norm_eval`` (BN in eval mode),
             ``grad_checkpointing``, ``channels_last``, ``stem_adapt`` (``repeat``, ``mean``,
-            ``rgb_zero``, ``random``).
+            ``rgb_zero``, ``random``); ``memory_efficient=True`` stores less for backward (BN + activation
+            recomputed, identical results; :func:`effbackbone.activations.set_memory_efficient`).
 
     Returns:
         The model, in train mode like any freshly built ``nn.Module``.
@@ -145,6 +147,8 @@ def create_model(
     if options.get("frozen_stages") or options.get("norm_eval"):
         model.freeze(int(options.get("frozen_stages", 0)), bool(options.get("norm_eval", False)))
     model.set_grad_checkpointing(bool(options.get("grad_checkpointing", False)))
+    if options.get("memory_efficient"):
+        set_memory_efficient(model)
     if options.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)
     return model

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -170,7 +171,7 @@ class EfficientNet(nn.Module):
         out: dict[str, Tensor] = {}
         for i, stage in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_stage(stage, x)
             else:
                 x = stage(x)
             name = self._stage_out[i]
@@ -183,7 +184,7 @@ class EfficientNet(nn.Module):
         x = self.stem(x)
         for stage in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x = checkpoint(stage, x, use_reentrant=False)
+                x = checkpoint_stage(stage, x)
             else:
                 x = stage(x)
         return self.act2(self.bn2(self.conv_head(x)))
@@ -249,6 +250,37 @@ class EfficientNet(nn.Module):
             raise RuntimeError("a features_only model has no classifier")
         self.num_classes = num_classes
         self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+@torch.jit.unused
+def checkpoint_stage(stage: nn.Module, x: Tensor) -> Tensor:
+    """Gradient-checkpoint one stage without updating BatchNorm statistics twice.
+
+    Backward re-runs the stage in train mode, which would update every BN's running statistics
+    (and ``num_batches_tracked``) a second time with the same batch (effective momentum 0.19
+    instead of 0.1); the recompute context restores them, so checkpointing changes memory only.
+    """
+    return checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_contexts, stage))
+
+
+def _recompute_contexts(stage: nn.Module) -> tuple[contextlib.AbstractContextManager[None], ...]:
+    return contextlib.nullcontext(), _restore_bn_buffers(stage)
+
+
+@contextlib.contextmanager
+def _restore_bn_buffers(module: nn.Module) -> Iterator[None]:
+    saved = [
+        (buf, buf.clone())
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for buf in m.buffers(recurse=False)
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
 
 
 def _init_weights(model: nn.Module) -> None:
