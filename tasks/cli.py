@@ -1,0 +1,59 @@
+"""The Lightning command line for every task: ``fit``, ``validate``, ``test``, ``predict``, plus
+``quickstart`` and ``export``.
+
+``model.class_path`` and ``data.class_path`` in the YAML choose the task (``tasks.SegmentationTask``
++ ``tasks.data.MaskDataModule``, or the detection pair). Properties of the data that the model must
+agree with (``num_classes``, ``in_channels``, ...) are set on the data only and linked into the model
+when both classes have them; links whose source or target a class lacks are skipped.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+# data attribute -> model init argument, linked after the data module is built.
+LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std")
+EXTRA_COMMANDS = {
+    "quickstart": "tasks.quickstart",
+    "export": "tasks.export",
+}
+
+
+class EffBackboneCLI(LightningCLI):
+    """``LightningCLI`` in subclass mode for model and data, with the data -> model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link each ``LINKED`` data attribute to the model argument of the same name."""
+        for name in LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:
+    """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
+    return EffBackboneCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point: ``quickstart`` and ``export`` go to their modules, the rest to LightningCLI."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        import importlib
+
+        return int(importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:]))
+    run_cli(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,284 @@
+"""Segmentation data: ``<root>/<split>/images`` + ``<root>/<split>/masks`` as a LightningDataModule.
+
+A sample is ``{"image": float CxHxW (normalised), "mask": long HxW (CxHxW multilabel), "path": str}``.
+Pixels to ignore (the dataset's ``ignore_index`` value, and padding) become ``IGNORE_LABEL`` (-100,
+PyTorch's cross-entropy default), so the model never needs to know which value a dataset used.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from tasks.data.mask_io import check_pair, default_stats, find_images, find_pairs, read_image, read_mask
+from tasks.data.transforms import EvalResize, build_transforms
+
+IGNORE_LABEL = -100
+Mode = Literal["binary", "multiclass", "multilabel"]
+
+
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """HxWxC float [0, 1] array -> normalised CxHxW tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    return (tensor - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class MaskDataset(Dataset[dict[str, Any]]):
+    """Image/mask pairs, validated when read, through an albumentations pipeline.
+
+    Args:
+        pairs: ``(image_path, mask_path)``; a ``None`` mask gives image-only samples (prediction).
+        transform: Pipeline called as ``transform(image=..., mask=...)``.
+        num_classes: Class count (mask values must be below it, or equal ``ignore_index``).
+        in_channels: Image channels.
+        mean: Per-channel normalisation mean (images in [0, 1]).
+        std: Per-channel normalisation std.
+        mode: ``multilabel`` reads one mask plane per class.
+        ignore_index: Mask value to ignore (becomes ``IGNORE_LABEL``).
+        class_colors: ``[r, g, b]`` per class id, for colour masks.
+        label_map: Raw mask value -> class id.
+    """
+
+    def __init__(
+        self,
+        pairs: Sequence[tuple[Path, Path | None]],
+        transform: A.Compose,
+        *,
+        num_classes: int,
+        in_channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        mode: Mode = "multiclass",
+        ignore_index: int | None = None,
+        class_colors: Sequence[Sequence[int]] | None = None,
+        label_map: Mapping[int, int] | None = None,
+    ) -> None:
+        self.pairs = list(pairs)
+        self.transform = transform
+        self.num_classes, self.in_channels, self.mode = num_classes, in_channels, mode
+        self.mean, self.std = list(mean), list(std)
+        self.ignore_index, self.class_colors, self.label_map = ignore_index, class_colors, label_map
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path, self.in_channels)
+        if mask_path is None:
+            out = self.transform(image=image)
+            return {"image": normalize(out["image"], self.mean, self.std), "path": str(image_path)}
+        multilabel = self.mode == "multilabel"
+        mask = read_mask(mask_path, multilabel=multilabel, class_colors=self.class_colors, label_map=self.label_map)
+        check_pair(
+            image, mask, image_path, mask_path,
+            num_classes=self.num_classes, ignore_index=self.ignore_index, multilabel=multilabel,
+        )  # fmt: skip
+        out = self.transform(image=image, mask=mask)
+        target = torch.from_numpy(np.array(out["mask"], copy=True)).long()
+        if multilabel:
+            # Any non-zero value but the ignore value marks the class present.
+            present = (target != 0).long()
+            if self.ignore_index is not None:
+                present = present.masked_fill(target == self.ignore_index, IGNORE_LABEL)
+            target = present.permute(2, 0, 1)
+        elif self.ignore_index is not None:
+            target = target.masked_fill(target == self.ignore_index, IGNORE_LABEL)
+        return {"image": normalize(out["image"], self.mean, self.std), "mask": target, "path": str(image_path)}
+
+
+def collate_padded(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples, padding differing sizes at the bottom/right (images 0, masks ``IGNORE_LABEL``).
+
+    ``"size"`` keeps each sample's ``(height, width)`` so predictions can be cropped back.
+    """
+    height = max(s["image"].shape[-2] for s in samples)
+    width = max(s["image"].shape[-1] for s in samples)
+
+    def pad(t: Tensor, value: float) -> Tensor:
+        return F.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]), value=value)
+
+    batch: dict[str, Any] = {
+        "image": torch.stack([pad(s["image"], 0.0) for s in samples]),
+        "path": [s["path"] for s in samples],
+        "size": torch.tensor([list(s["image"].shape[-2:]) for s in samples]),
+    }
+    if "mask" in samples[0]:
+        batch["mask"] = torch.stack([pad(s["mask"], IGNORE_LABEL) for s in samples])
+    return batch
+
+
+def _read_classes_json(root: Path) -> dict[str, Any]:
+    path = root / "classes.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class MaskDataModule(L.LightningDataModule):
+    """Folders of images and class-id (or colour) masks, with a seeded val split when there is no ``val``.
+
+    Layout: ``<root>/train/{images,masks}``, optional ``<root>/val/...`` and ``<root>/test/...``, and an
+    optional ``<root>/classes.json`` (``{"classes": [...], "ignore_index": ..., "colors": [[r, g, b], ...]}``)
+    that fills whatever is not given here. Masks share their image's file stem.
+
+    Args:
+        root: Dataset folder.
+        num_classes: Number of classes (2 for ``binary``: background and foreground).
+        class_names: One name per class (for logs and overlays).
+        class_colors: ``[r, g, b]`` of each class id when masks are colour images.
+        mode: ``binary`` (ids 0/1), ``multiclass`` (ids 0..n-1) or ``multilabel`` (one mask plane per class).
+        ignore_index: Mask value excluded from loss and metrics (e.g. 255).
+        label_map: Raw mask value -> class id, e.g. ``{255: 1}`` for 0/255 masks.
+        in_channels: Image channels (1 grayscale, 3 RGB, any for ``.npy`` images).
+        image_size: Training crop side; evaluation resize side with ``eval_resize="resize"``.
+        eval_resize: ``resize`` val/test images to ``image_size``, or ``pad`` (native size; the model
+            pads to a multiple of 32 and crops back).
+        batch_size: Training batch size.
+        eval_batch_size: Val/test batch size (default ``batch_size``; predict always uses 1).
+        num_workers: DataLoader workers.
+        val_fraction: Share of ``train`` held out when there is no ``val`` folder.
+        seed: Seed of that split.
+        train_repeats: Each training image is seen this many times per epoch (different random crops),
+            for datasets with few, large images.
+        crop_scale: Area range of the random training crop.
+        vertical_flip: Also flip vertically.
+        color_jitter: Colour jitter strength (0 off).
+        mean: Normalisation mean per channel (default ImageNet's, averaged for non-RGB).
+        std: Normalisation std per channel.
+        predict_root: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        class_colors: list[list[int]] | None = None,
+        mode: Mode = "multiclass",
+        ignore_index: int | None = None,
+        label_map: dict[int, int] | None = None,
+        in_channels: int = 3,
+        image_size: int = 256,
+        eval_resize: EvalResize = "resize",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        train_repeats: int = 1,
+        crop_scale: tuple[float, float] = (0.25, 1.0),
+        vertical_flip: bool = False,
+        color_jitter: float = 0.2,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        predict_root: str | None = None,
+    ) -> None:
+        super().__init__()
+        # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
+        # saving the raw arguments too would clash with the model's hparams when Lightning merges them.
+        self.save_hyperparameters(ignore=["num_classes", "class_names", "ignore_index", "mean", "std"])
+        self.root = Path(root)
+        meta = _read_classes_json(self.root)
+        names = class_names or meta.get("classes")
+        self.num_classes: int = num_classes or meta.get("num_classes") or (len(names) if names else 0)
+        if self.num_classes < 1:
+            raise ValueError(
+                f"num_classes is not set and {self.root / 'classes.json'} does not give it; set data num_classes"
+            )
+        if mode == "binary" and self.num_classes != 2:
+            raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {self.num_classes}")
+        self.class_names: list[str] = list(names) if names else [f"class_{i}" for i in range(self.num_classes)]
+        if len(self.class_names) != self.num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
+        self.class_colors = class_colors or meta.get("colors")
+        self.ignore_index = ignore_index if ignore_index is not None else meta.get("ignore_index")
+        self.mode, self.in_channels = mode, in_channels
+        default_mean, default_std = default_stats(in_channels)
+        self.mean: list[float] = list(mean or default_mean)
+        self.std: list[float] = list(std or default_std)
+        if len(self.mean) != in_channels or len(self.std) != in_channels:
+            raise ValueError(f"mean/std need {in_channels} values (in_channels), got {self.mean} / {self.std}")
+        self.datasets: dict[str, MaskDataset] = {}
+
+    def _dataset(self, pairs: Sequence[tuple[Path, Path | None]], split: str) -> MaskDataset:
+        hp = self.hparams
+        transform = build_transforms(
+            split, hp.image_size, in_channels=self.in_channels, eval_resize=hp.eval_resize,  # type: ignore[arg-type]
+            crop_scale=tuple(hp.crop_scale), vertical_flip=hp.vertical_flip, color_jitter=hp.color_jitter,
+        )  # fmt: skip
+        return MaskDataset(
+            pairs, transform, num_classes=self.num_classes, in_channels=self.in_channels, mean=self.mean,
+            std=self.std, mode=self.mode, ignore_index=self.ignore_index, class_colors=self.class_colors,
+            label_map=self.hparams.label_map,
+        )  # fmt: skip
+
+    def _train_val_pairs(self) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
+        train = find_pairs(self.root / "train")
+        if (self.root / "val").is_dir():
+            return train, find_pairs(self.root / "val")
+        n_val = max(1, round(len(train) * self.hparams.val_fraction))
+        if n_val >= len(train):
+            raise ValueError(f"{len(train)} training images cannot give a val split of {n_val}; add a val folder")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.hparams.seed)).tolist()
+        rank_zero_info(f"no {self.root / 'val'}: holding out {n_val} of {len(train)} training images")
+        return [train[i] for i in order[n_val:]], [train[i] for i in sorted(order[:n_val])]
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets ``stage`` needs (file lists only; images are read lazily)."""
+        if stage in ("fit", "validate") and "val" not in self.datasets:
+            train, val = self._train_val_pairs()
+            self.datasets["train"] = self._dataset(train * self.hparams.train_repeats, "train")
+            self.datasets["val"] = self._dataset(val, "val")
+        if stage == "test" and "test" not in self.datasets:
+            test_dir = self.root / "test"
+            pairs = find_pairs(test_dir) if test_dir.is_dir() else self._train_val_pairs()[1]
+            self.datasets["test"] = self._dataset(pairs, "test")
+        if stage == "predict" and "predict" not in self.datasets:
+            self.datasets["predict"] = self._dataset([(p, None) for p in find_images(self._predict_dir())], "predict")
+
+    def _predict_dir(self) -> Path:
+        if self.hparams.predict_root:
+            return Path(self.hparams.predict_root)
+        for split in ("test", "val"):
+            if (self.root / split / "images").is_dir():
+                return self.root / split / "images"
+        return self.root / "train" / "images"
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
+        return DataLoader(
+            self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
+            collate_fn=collate_padded, drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            persistent_workers=self.hparams.num_workers > 0,
+        )  # fmt: skip
+
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Shuffled random crops."""
+        return self._loader("train", self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Validation images (resized or at their own size)."""
+        return self._loader("val", self.hparams.eval_batch_size or self.hparams.batch_size)
+
+    def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """``test`` folder, or the val split when there is none."""
+        return self._loader("test", self.hparams.eval_batch_size or self.hparams.batch_size)
+
+    def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Images at their own size, one at a time (sizes differ; large ones are tiled by the model)."""
+        return self._loader("predict", 1)
+
+    def denormalize(self, image: Tensor) -> Tensor:
+        """Normalised CxHxW (or BxCxHxW) tensor -> [0, 1], for display."""
+        mean = torch.tensor(self.mean, device=image.device)[:, None, None]
+        std = torch.tensor(self.std, device=image.device)[:, None, None]
+        return (image * std + mean).clamp(0, 1)

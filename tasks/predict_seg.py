@@ -1,0 +1,154 @@
+"""Segmentation inference: sliding-window prediction, and writing mask and overlay PNGs.
+
+Three ways in: ``SegmentationTask.predict_step`` (``effbackbone predict``, with
+:class:`SegmentationWriter` in the config's callbacks), :func:`predict_folder` from Python, and
+the quickstart. All of them tile images larger than the task's ``tile_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+from torch import Tensor
+
+from tasks.data.mask_io import default_stats, find_images, read_image
+from tasks.seg_viz import class_palette, multilabel_to_ids, overlay, to_rgb
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from tasks.segmentation import SegmentationTask
+
+
+def _starts(length: int, tile: int, stride: int) -> list[int]:
+    """Tile origins covering ``0..length`` with the last tile flush with the end."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return [*starts, length - tile]
+
+
+@torch.no_grad()
+def sliding_window(
+    fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overlap: float = 0.25, batch_size: int = 4
+) -> Tensor:
+    """Apply ``fn`` (1 x C x h x w -> 1 x K x h x w) over overlapping tiles and average where they overlap.
+
+    Images no larger than ``tile`` on both sides go through ``fn`` whole. Each pixel's output is
+    the plain mean over the tiles that cover it (uniform weights); every pixel is covered because
+    the last tile in each direction is placed flush with the border.
+
+    Args:
+        fn: The per-tile function, e.g. probabilities of a model.
+        image: 1 x C x H x W.
+        tile: Tile side in pixels.
+        overlap: Overlap between neighbouring tiles as a fraction of ``tile`` (0 <= overlap < 1).
+        batch_size: Tiles per ``fn`` call.
+    """
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    _, _, h, w = image.shape
+    if h <= tile and w <= tile:
+        return fn(image)
+    th, tw = min(tile, h), min(tile, w)
+    stride = max(1, int(tile * (1 - overlap)))
+    boxes = [(y, x) for y in _starts(h, th, stride) for x in _starts(w, tw, stride)]
+    total: Tensor | None = None
+    count = image.new_zeros(1, 1, h, w)
+    for i in range(0, len(boxes), batch_size):
+        chunk = boxes[i : i + batch_size]
+        out = fn(torch.cat([image[..., y : y + th, x : x + tw] for y, x in chunk]))
+        if total is None:
+            total = out.new_zeros(1, out.shape[1], h, w)
+        for k, (y, x) in enumerate(chunk):
+            total[..., y : y + th, x : x + tw] += out[k]
+            count[..., y : y + th, x : x + tw] += 1
+    assert total is not None
+    return total / count
+
+
+def save_prediction(
+    labels: np.ndarray, rgb: np.ndarray, stem: str, output_dir: Path, class_names: Sequence[str]
+) -> tuple[Path, Path]:
+    """Write ``<stem>_mask.png`` and ``<stem>_overlay.png``; returns their paths.
+
+    The mask is a palette PNG: its pixel values are the class ids (read back by ``MaskDataModule``)
+    and viewers show the class colours. Multilabel predictions (C x H x W) are saved as
+    ``<stem>_mask.npy`` planes instead, and overlaid by their highest present class.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    palette = class_palette(class_names)
+    if labels.ndim == 3:
+        mask_path = output_dir / f"{stem}_mask.npy"
+        np.save(mask_path, labels.astype(np.uint8))
+        ids = multilabel_to_ids(labels)
+    else:
+        mask_path = output_dir / f"{stem}_mask.png"
+        ids = labels
+        if len(class_names) > 256:
+            raise ValueError(f"{len(class_names)} classes do not fit an 8-bit mask PNG")
+        im = Image.fromarray(labels.astype(np.uint8), mode="P")
+        im.putpalette(palette.reshape(-1).tolist())
+        im.save(mask_path)
+    overlay_path = output_dir / f"{stem}_overlay.png"
+    Image.fromarray(overlay(rgb, ids, palette)).save(overlay_path)
+    return mask_path, overlay_path
+
+
+def _normalise(image: np.ndarray, task: SegmentationTask) -> Tensor:
+    mean, std = task.mean, task.std
+    if mean is None or std is None:
+        mean, std = default_stats(task.in_channels)
+    t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    return (t - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def predict_folder(
+    task: SegmentationTask, input_dir: str | Path, output_dir: str | Path, limit: int | None = None
+) -> list[tuple[Path, Path]]:
+    """Predict every image of ``input_dir`` (tiled when large) into ``output_dir``; returns the written paths."""
+    task.eval()
+    device = next(task.parameters()).device
+    written = []
+    for path in find_images(Path(input_dir))[:limit]:
+        image = read_image(path, task.in_channels)
+        probs = task.predict_probabilities(_normalise(image, task).to(device))
+        labels = task.labels(probs)[0].cpu().numpy()
+        written.append(save_prediction(labels, to_rgb(image), path.stem, Path(output_dir), task.class_names))
+    return written
+
+
+class SegmentationWriter(BasePredictionWriter):
+    """Writes each predicted image's mask and overlay PNG during ``effbackbone predict``.
+
+    Args:
+        output_dir: Folder for the PNGs (default ``<log dir>/predictions``).
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = output_dir
+
+    def write_on_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        prediction: Any,  # noqa: ANN401 - whatever predict_step returned
+        batch_indices: Sequence[int] | None,
+        batch: Any,  # noqa: ANN401
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Save the batch's masks and overlays (original pixels read back from the image files)."""
+        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        names = getattr(pl_module, "class_names", None) or [str(i) for i in range(prediction["probs"][0].shape[0])]
+        in_channels = getattr(pl_module, "in_channels", 3)
+        for path, labels in zip(prediction["path"], prediction["labels"], strict=True):
+            rgb = to_rgb(read_image(path, in_channels))
+            save_prediction(labels.cpu().numpy(), rgb, Path(path).stem, out, names)

@@ -1,0 +1,240 @@
+"""``SegmentationTask``: an smp decoder on an effbackbone encoder, as a LightningModule.
+
+One ``_shared_step`` serves train/val/test; metrics are a ``MetricCollection`` cloned with the
+``train/``, ``val/`` and ``test/`` prefixes and logged once per epoch; predictions of images larger
+than ``tile_size`` are tiled (see :mod:`tasks.predict_seg`). Any image size works: ``forward``
+pads to a multiple of 32 and crops the logits back.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning as L
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor
+
+import effbackbone.integrations.smp as eb_smp
+from tasks.data.masks import IGNORE_LABEL
+from tasks.guards import NonFinitePolicy, check_loss
+from tasks.optim import build_param_groups
+from tasks.predict_seg import sliding_window
+from tasks.seg_losses import CompositeLoss
+from tasks.seg_metrics import build_metrics, to_metric_input
+
+Variant = Literal[
+    "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7",
+    "lite0", "lite1", "lite2", "lite3", "lite4", "v2_s", "v2_m", "v2_l",
+]  # fmt: skip
+Decoder = Literal[
+    "unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "pspnet", "linknet", "manet", "pan", "upernet",
+    "segformer",
+]  # fmt: skip
+Mode = Literal["binary", "multiclass", "multilabel"]
+STAGES = ("train", "val", "test")
+
+
+def encoder_name(variant: str, phi: float | None = None, options: dict[str, Any] | None = None) -> str:
+    """The smp encoder name for ``variant`` (registering a custom one for ``phi`` or options)."""
+    if phi is None and not options:
+        return eb_smp.smp_name(variant)
+    opts = dict(options or {})
+    if phi is not None:
+        opts["phi"] = phi
+    suffix = "-".join(f"{k}{v}" for k, v in sorted(opts.items()))
+    return eb_smp.register_custom(f"{eb_smp.smp_name(variant)}-{suffix}", variant, **opts)
+
+
+class SegmentationTask(L.LightningModule):
+    """Semantic segmentation with any smp decoder on an effbackbone encoder.
+
+    Args:
+        variant: Encoder variant (``b0``..``b7``, ``lite0``..``lite4``, ``v2_s``/``v2_m``/``v2_l``).
+        decoder: smp architecture (``unet``, ``fpn``, ``deeplabv3plus``, ...).
+        num_classes: Classes (2 for ``binary``; linked from the data module by the CLI).
+        in_channels: Image channels (linked from the data module).
+        mode: ``binary`` (one sigmoid output, classes 0/1), ``multiclass`` (softmax) or ``multilabel``
+            (one sigmoid per class).
+        class_names: Names for per-class metrics (``val/iou_<name>``); default ``class_<i>``.
+        phi: Compound coefficient: scales the variant's family base (``b0`` with ``phi=2.5``).
+        encoder_weights: ``None`` (random), ``"imagenet"`` (a local file, see
+            ``effbackbone.integrations.smp``) or a checkpoint path. Nothing is downloaded.
+        encoder_options: Other encoder options (``drop_path_rate``, ``tf_compat``, ...).
+        decoder_options: Extra smp model kwargs (``decoder_channels``, ``encoder_output_stride``, ...).
+        loss: ``ce``, ``dice``, ``focal`` or a sum such as ``ce+dice``.
+        loss_weights: Weight of each term of ``loss`` (default 1 each).
+        class_weights: Per-class weights for ``ce`` and ``dice``.
+        ignore_index: Target value excluded from loss and metrics (the data module writes -100).
+        freeze_encoder_epochs: Train only the decoder for this many epochs (encoder BN frozen too).
+        tile_size: Prediction tile side; larger images are tiled with overlap and averaged.
+        tile_overlap: Overlap between prediction tiles, as a fraction of ``tile_size``.
+        mean: Normalisation mean of the data (linked; kept in the checkpoint for prediction).
+        std: Normalisation std of the data.
+        nonfinite_loss: ``raise`` on a NaN/inf training loss, or ``skip`` the batch.
+        optimizer: Optimizer factory; norms and biases get no weight decay.
+        lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``).
+    """
+
+    def __init__(
+        self,
+        variant: Variant = "b0",
+        decoder: Decoder = "unet",
+        num_classes: int = 2,
+        in_channels: int = 3,
+        mode: Mode = "multiclass",
+        class_names: list[str] | None = None,
+        phi: float | None = None,
+        encoder_weights: str | None = None,
+        encoder_options: dict[str, Any] | None = None,
+        decoder_options: dict[str, Any] | None = None,
+        loss: str = "ce",
+        loss_weights: list[float] | None = None,
+        class_weights: list[float] | None = None,
+        ignore_index: int = IGNORE_LABEL,
+        freeze_encoder_epochs: int = 0,
+        tile_size: int = 512,
+        tile_overlap: float = 0.25,
+        mean: list[float] | None = None,
+        std: list[float] | None = None,
+        nonfinite_loss: NonFinitePolicy = "raise",
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        if mode == "binary" and num_classes != 2:
+            raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {num_classes}")
+        self.mode, self.num_classes, self.in_channels = mode, num_classes, in_channels
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"{len(self.class_names)} class_names for num_classes={num_classes}")
+        self.mean, self.std = mean, std
+        self.tile_size, self.tile_overlap = tile_size, tile_overlap
+        self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.nonfinite_loss: NonFinitePolicy = nonfinite_loss
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.model = smp.create_model(
+            decoder,
+            encoder_name=encoder_name(variant, phi, encoder_options),
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=1 if mode == "binary" else num_classes,
+            **(decoder_options or {}),
+        )
+        self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
+        base = build_metrics(mode, num_classes, self.class_names, ignore_index)
+        self.train_metrics = base.clone(prefix="train/")
+        self.val_metrics = base.clone(prefix="val/")
+        self.test_metrics = base.clone(prefix="test/")
+
+    # -- model -------------------------------------------------------------------------------------
+    def forward(self, image: Tensor) -> Tensor:
+        """Logits (N x C x H x W, C = 1 for binary) for images of any size (padded to 32, cropped back)."""
+        h, w = image.shape[-2:]
+        pad_h, pad_w = -h % 32, -w % 32
+        if pad_h or pad_w:
+            image = F.pad(image, (0, pad_w, 0, pad_h))  # zeros = the mean after normalisation
+        return self.model(image)[..., :h, :w]
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Per-class probabilities (N x num_classes x H x W; binary gives background and foreground)."""
+        if self.mode == "multiclass":
+            return logits.softmax(1)
+        p = logits.sigmoid()
+        return torch.cat([1 - p, p], 1) if self.mode == "binary" else p
+
+    def labels(self, probs: Tensor) -> Tensor:
+        """Class ids N x H x W (multiclass, binary) or 0/1 planes N x C x H x W (multilabel)."""
+        return (probs > 0.5).long() if self.mode == "multilabel" else probs.argmax(1)
+
+    # -- steps -------------------------------------------------------------------------------------
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> tuple[Tensor, Tensor]:
+        logits = self(batch["image"])
+        target = batch["mask"]
+        loss = self.criterion(logits, target)
+        n = logits.shape[0]
+        self.log(f"{stage}/loss", loss, batch_size=n, on_step=stage == "train", on_epoch=True, prog_bar=True)
+        if len(self.criterion.parts) > 1:
+            parts = {f"{stage}/loss_{k}": v for k, v in self.criterion.parts.items()}
+            self.log_dict(parts, batch_size=n, on_step=False, on_epoch=True)
+        preds = to_metric_input(logits.detach(), self.mode)
+        getattr(self, f"{stage}_metrics").update(preds, target)
+        return loss, preds
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        """Loss of one batch (``None`` skips a non-finite one when ``nonfinite_loss="skip"``)."""
+        loss, _ = self._shared_step(batch, "train")
+        return check_loss(loss, self.global_step, self.nonfinite_loss)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Loss and predicted labels (the overlay callback draws them)."""
+        loss, preds = self._shared_step(batch, "val")
+        return {"loss": loss, "preds": preds}
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """As validation, logged under ``test/``."""
+        loss, preds = self._shared_step(batch, "test")
+        return {"loss": loss, "preds": preds}
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Tiled prediction of each image at its own size: ``{"path", "probs", "labels"}`` per image."""
+        out: dict[str, Any] = {"path": batch["path"], "probs": [], "labels": []}
+        for image, (h, w) in zip(batch["image"], batch["size"].tolist(), strict=True):
+            probs = self.predict_probabilities(image[None, :, :h, :w])
+            out["probs"].append(probs[0])
+            out["labels"].append(self.labels(probs)[0])
+        return out
+
+    def predict_probabilities(self, image: Tensor) -> Tensor:
+        """Probabilities of a normalised 1 x C x H x W image; tiled when larger than ``tile_size``."""
+        return sliding_window(lambda x: self.probabilities(self(x)), image, self.tile_size, self.tile_overlap)
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metrics = getattr(self, f"{stage}_metrics")
+        values = metrics.compute()
+        miou = values.pop(f"{stage}/miou")
+        self.log(f"{stage}/miou", miou, prog_bar=stage != "train")
+        self.log_dict(values)
+        metrics.reset()
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics."""
+        self._log_epoch_metrics("train")
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the epoch's validation metrics."""
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test metrics."""
+        self._log_epoch_metrics("test")
+
+    # -- training schedule -------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        """Freeze the encoder (weights and BN statistics) for the first ``freeze_encoder_epochs``."""
+        frozen = self.current_epoch < self.freeze_encoder_epochs
+        if frozen != self.model._is_encoder_frozen:
+            (self.model.freeze_encoder if frozen else self.model.unfreeze_encoder)()
+
+    def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer/scheduler union
+        """The configured optimizer over all parameters, without weight decay on norms and biases.
+
+        Frozen encoder parameters are included (they have no gradient while frozen, so they are not
+        updated) so that unfreezing needs no new optimizer.
+        """
+        optimizer = self.optimizer(build_param_groups(self, None, trainable_only=False))
+        if self.lr_scheduler is None:
+            return optimizer
+        scheduler = self.lr_scheduler(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+    # -- deployment --------------------------------------------------------------------------------
+    def export_onnx(self, path: str, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
+        """Export to ONNX; see :func:`tasks.export.export_segmentation_onnx` for the arguments."""
+        from tasks.export import export_segmentation_onnx
+
+        return export_segmentation_onnx(self, path, **kwargs)
