@@ -19,9 +19,12 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 import effbackbone.integrations.timm as _timm
+from effbackbone.arch import VARIANTS
 from effbackbone.weights import WeightsError, check_state_dict, load_weights, read_state_dict
 
 EFFICIENTDET_NAMES = ("d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x")
+# EfficientDet-Lite (TF model garden): Lite backbones, ReLU6, unweighted BiFPN sums, inputs in [-1, 1].
+EFFICIENTDET_LITE_NAMES = ("lite0", "lite1", "lite2", "lite3", "lite3x", "lite4")
 # Paper (Tan et al., CVPR 2020, Table 2) parameter counts in millions, for reference.
 PAPER_PARAMS_M = {"d0": 3.9, "d1": 6.6, "d2": 8.1, "d3": 12.0, "d4": 21.0, "d5": 34.0, "d6": 52.0, "d7": 52.0}
 _HEAD = "class_net.predict.conv_pw."
@@ -29,27 +32,34 @@ _HEAD = "class_net.predict.conv_pw."
 
 def _key(name: str) -> str:
     key = re.sub(r"^(tf_)?efficientdet_", "", name.lower())
-    if key not in EFFICIENTDET_NAMES:
-        raise ValueError(f"unknown EfficientDet {name!r}; valid names: {', '.join(EFFICIENTDET_NAMES)}")
+    if key not in EFFICIENTDET_NAMES + EFFICIENTDET_LITE_NAMES:
+        valid = ", ".join(EFFICIENTDET_NAMES + EFFICIENTDET_LITE_NAMES)
+        raise ValueError(f"unknown EfficientDet {name!r}; valid names: {valid}")
     return key
 
 
 def efficientdet_config(
     name: str = "d0", *, num_classes: int = 90, image_size: int | tuple[int, int] | None = None,
-    tf_compat: bool = True, **overrides: Any,
+    tf_compat: bool = True, backbone: str | None = None, **overrides: Any,
 ) -> DictConfig:
     """The effdet ``tf_efficientdet_<name>`` config with our backbone substituted.
 
     Args:
-        name: ``d0``..``d7`` or ``d7x`` (``efficientdet_`` / ``tf_efficientdet_`` prefixes accepted).
+        name: ``d0``..``d7``, ``d7x`` or ``lite0``..``lite4``, ``lite3x`` (``efficientdet_`` /
+            ``tf_efficientdet_`` prefixes accepted).
         num_classes: Classes of the class head.
         image_size: Input size override (int or (H, W); multiples of 128 keep every level exact).
         tf_compat: TF "same" padding in backbone and BiFPN (what the COCO checkpoints need); ``False``
             uses symmetric padding everywhere (for PyTorch-trained backbone weights).
+        backbone: Another encoder for this detector's BiFPN and heads (e.g. ``"v2_s"``; any
+            :func:`effbackbone.list_models` name). The BiFPN adapts to its channels; the COCO
+            checkpoints then no longer fit.
         **overrides: Any other effdet config field (``max_det_per_image``, ``soft_nms``, ...).
     """
     config = get_efficientdet_config(f"tf_efficientdet_{_key(name)}")
-    variant = config.backbone_name.removeprefix("tf_efficientnet_")
+    variant = config.backbone_name.removeprefix("tf_efficientnet_") if backbone is None else backbone
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown backbone {variant!r}; valid: {', '.join(VARIANTS)}")
     config.backbone_name = _timm.PREFIX + variant
     config.backbone_args = dict(config.backbone_args or {}, tf_compat=tf_compat)
     config.num_classes = num_classes
@@ -82,12 +92,13 @@ def create_efficientdet(
     bench_task: Literal["train", "predict"] | None = None,
     image_size: int | tuple[int, int] | None = None,
     tf_compat: bool = True,
+    backbone: str | None = None,
     **overrides: Any,
 ) -> nn.Module:
     """Build EfficientDet-``name`` on our encoder, optionally with weights and a train/predict bench.
 
     Args:
-        name: ``d0``..``d7`` (or ``d7x``).
+        name: ``d0``..``d7``, ``d7x``, or EfficientDet-Lite ``lite0``..``lite4``, ``lite3x``.
         num_classes: Detection classes; a checkpoint with another class count is loaded first and
             the class head then reset (as effdet does).
         backbone_weights: ImageNet weights for the encoder (local file or state dict, timm or
@@ -99,6 +110,7 @@ def create_efficientdet(
             ``x_min, y_min, x_max, y_max, score, class``), ``None`` returns the bare ``EfficientDet``.
         image_size: Input size override (default: the paper's ``512 + 128 * phi``).
         tf_compat: See :func:`efficientdet_config`.
+        backbone: Encoder override, see :func:`efficientdet_config`.
         **overrides: effdet config fields.
 
     Returns:
@@ -107,7 +119,9 @@ def create_efficientdet(
     if bench_task not in (None, "train", "predict"):
         raise ValueError(f"bench_task must be None, 'train' or 'predict', got {bench_task!r}")
     sd = _detection_state_dict(pretrained_path) if pretrained_path is not None else None
-    config = efficientdet_config(name, num_classes=num_classes, image_size=image_size, tf_compat=tf_compat, **overrides)
+    config = efficientdet_config(
+        name, num_classes=num_classes, image_size=image_size, tf_compat=tf_compat, backbone=backbone, **overrides
+    )
     if sd is not None and _HEAD + "weight" in sd:
         anchors = config.num_scales * len(config.aspect_ratios)
         config.num_classes = sd[_HEAD + "weight"].shape[0] // anchors
@@ -129,4 +143,6 @@ def create_efficientdet(
     return model
 
 
-__all__ = ["EFFICIENTDET_NAMES", "PAPER_PARAMS_M", "create_efficientdet", "efficientdet_config"]
+__all__ = [
+    "EFFICIENTDET_LITE_NAMES", "EFFICIENTDET_NAMES", "PAPER_PARAMS_M", "create_efficientdet", "efficientdet_config",
+]
