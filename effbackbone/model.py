@@ -260,6 +260,10 @@ def checkpoint_stage(stage: nn.Module, x: Tensor) -> Tensor:
     (and ``num_batches_tracked``) a second time with the same batch (effective momentum 0.19
     instead of 0.1); the recompute context restores them, so checkpointing changes memory only.
     """
+    if torch.compiler.is_compiling():
+        # Compiled recomputation is functional (BN buffer updates are not replayed in backward),
+        # and under torch.compile context_fn may only return TorchDispatchModes.
+        return checkpoint(stage, x, use_reentrant=False)
     return checkpoint(stage, x, use_reentrant=False, context_fn=partial(_recompute_contexts, stage))
 
 

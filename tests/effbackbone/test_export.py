@@ -1,0 +1,273 @@
+"""Export: ONNX (dynamic batch/height/width, checked with onnxruntime), TorchScript, torch.compile.
+
+Models are exported at an even size (64x64) and run at sizes of other parities (97x131, 45x70):
+with TF "same" padding the pad split depends on the parity, so a pad frozen at export time would
+give wrong shapes or values there. BatchNorm statistics are calibrated on a random batch first so
+that activations are O(1) and the 1e-4 tolerance means something (with identity running statistics
+the deep levels of a random network are ~1e-9 and any comparison would pass).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+import effbackbone
+from effbackbone import export
+from effbackbone.layers import Conv2dSame
+
+EXPORT_SIZE = (1, 3, 64, 64)
+# Odd/odd and odd/even, batch 2 and 1: differs from the export size in parity and batch.
+RUN_SIZES = ((2, 3, 97, 131), (1, 3, 45, 70))
+ATOL = 1e-4
+
+# (model name, options) -> id; the tf_compat model uses Conv2dSame for every strided conv.
+B0_SYMMETRIC = ("b0", {})
+B0_SAME = ("b0", {"tf_compat": True})
+
+
+def _model(name: str, options: dict, features_only: bool = True, **kwargs) -> effbackbone.EfficientNet:
+    """A random-weight model with BatchNorm statistics calibrated on one random batch.
+
+    The batch is large enough (8 x 128 x 128, so C5 has 128 samples per channel) for the statistics
+    to hold at the other test sizes; from a few pixels, some variances come out tiny and deep
+    levels then blow up to ~1e3 at other sizes.
+    """
+    model = effbackbone.create_model(name, features_only=features_only, num_classes=10, **options, **kwargs)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momentum = norms[0].momentum
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one batch sets the statistics exactly
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 128, 128))
+    for m in norms:
+        m.momentum = momentum  # momentum=None would make a training step data-dependent for Dynamo
+    return model.eval()
+
+
+def _inputs() -> list[torch.Tensor]:
+    return [torch.randn(s) for s in RUN_SIZES]
+
+
+def _as_dict(out: dict[str, torch.Tensor] | torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"logits": out} if isinstance(out, torch.Tensor) else dict(out)
+
+
+def _assert_close(ref: dict[str, torch.Tensor] | torch.Tensor, got: dict[str, torch.Tensor] | torch.Tensor) -> None:
+    ref, got = _as_dict(ref), _as_dict(got)
+    assert list(ref) == list(got)
+    for name in ref:
+        assert got[name].shape == ref[name].shape, name
+        torch.testing.assert_close(got[name], ref[name], atol=ATOL, rtol=0)
+
+
+def _export_and_verify(model, tmp_path, *, dynamo: bool) -> dict[str, float]:
+    pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    path = export.export_onnx(model, tmp_path / "model.onnx", input_size=EXPORT_SIZE, dynamo=dynamo)
+    diffs = export.verify_onnx(path, model, _inputs(), atol=ATOL)
+    assert list(diffs) == export.output_names(model)
+    return diffs
+
+
+def test_calibrated_outputs_are_order_one():
+    # Guards the premise of every tolerance below.
+    model = _model(*B0_SAME)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 97, 131))
+    for name, t in out.items():
+        assert 0.05 < t.std() < 20, (name, float(t.std()))
+
+
+# -- ONNX ---------------------------------------------------------------------------------------
+
+ONNX_CASES = [
+    # (model, features_only, dynamo): the dynamo exporter (the default) for the two key cases by
+    # default; the legacy exporter (10x faster to run) covers the other combinations.
+    pytest.param(B0_SAME, True, True, id="b0-same-features-dynamo"),
+    pytest.param(B0_SYMMETRIC, False, True, id="b0-symmetric-logits-dynamo"),
+    pytest.param(B0_SAME, False, False, id="b0-same-logits-legacy"),
+    pytest.param(B0_SYMMETRIC, True, False, id="b0-symmetric-features-legacy"),
+    pytest.param(B0_SAME, False, True, id="b0-same-logits-dynamo", marks=pytest.mark.slow),
+    pytest.param(B0_SYMMETRIC, True, True, id="b0-symmetric-features-dynamo", marks=pytest.mark.slow),
+    pytest.param(B0_SAME, True, False, id="b0-same-features-legacy", marks=pytest.mark.slow),
+    pytest.param(("lite0", {}), True, True, id="lite0-features-dynamo", marks=pytest.mark.slow),
+    pytest.param(("v2_s", {}), True, True, id="v2_s-features-dynamo", marks=pytest.mark.slow),
+    pytest.param(("v2_s", {"tf_compat": True}), False, True, id="v2_s-same-logits-dynamo", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("arch", "features_only", "dynamo"), ONNX_CASES)
+def test_onnx_dynamic_matches_pytorch(arch, features_only, dynamo, tmp_path):
+    model = _model(*arch, features_only=features_only)
+    diffs = _export_and_verify(model, tmp_path, dynamo=dynamo)
+    assert max(diffs.values()) <= ATOL
+    assert model.training is False  # the mode it was in before export
+
+
+@pytest.mark.parametrize("dynamo", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["legacy", "dynamo"])
+def test_onnx_output_stride_16(dynamo, tmp_path):
+    model = _model("b0", {"tf_compat": True}, output_stride=16, out_indices=(2, 3, 4))
+    diffs = _export_and_verify(model, tmp_path, dynamo=dynamo)
+    assert list(diffs) == ["C3", "C4", "C5"]
+
+
+def test_verify_onnx_catches_frozen_same_padding(tmp_path, monkeypatch):
+    # Negative control: a graph whose "same" pads were frozen at the 64x64 export size (what a
+    # size-specialising export of TF padding gives) must fail the comparison at odd sizes.
+    pytest.importorskip("onnxruntime")
+    model = _model(*B0_SAME)
+
+    def frozen_forward(self, x):
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])  # int() makes the tracer record constants
+        k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+        pad_h = ((ih + s - 1) // s - 1) * s + (k - 1) * d + 1 - ih
+        pad_w = ((iw + s - 1) // s - 1) * s + (k - 1) * d + 1 - iw
+        x = nn.functional.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return nn.functional.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+    with monkeypatch.context() as patch, pytest.warns(torch.jit.TracerWarning):
+        patch.setattr(Conv2dSame, "forward", frozen_forward)
+        path = export.export_onnx(model, tmp_path / "frozen.onnx", input_size=EXPORT_SIZE, dynamo=False)
+    export.verify_onnx(path, model, [torch.randn(1, 3, 64, 64)])  # right at the export size only
+    with pytest.raises(AssertionError, match="shape"):
+        export.verify_onnx(path, model, [torch.randn(1, 3, 97, 131)])
+
+
+def test_onnx_graph_signature(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _model(*B0_SAME)
+    dynamic = export.export_onnx(model, tmp_path / "dyn.onnx", input_size=EXPORT_SIZE, dynamo=False)
+    static = export.export_onnx(model, tmp_path / "static.onnx", input_size=EXPORT_SIZE, dynamo=False, dynamic=False)
+
+    def dims(path):
+        graph = onnx.load(str(path)).graph
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in [*graph.input, *graph.output]}
+
+    assert dims(dynamic)["input"] == ["batch", 3, "height", "width"]
+    assert dims(dynamic)["C5"][:2] == ["batch", 320]
+    assert dims(static)["input"] == list(EXPORT_SIZE)
+
+
+def test_onnx_restores_train_mode_and_checks_input(tmp_path):
+    pytest.importorskip("onnxruntime")
+    model = _model(*B0_SAME).train()
+    export.export_onnx(model, tmp_path / "m.onnx", input_size=EXPORT_SIZE, dynamo=False)
+    assert model.training
+    with pytest.raises(ValueError, match="in_channels"):
+        export.export_onnx(model, tmp_path / "bad.onnx", input_size=(1, 4, 64, 64), dynamo=False)
+    with pytest.raises(TypeError, match="EfficientNet"):
+        export.export_onnx(nn.Conv2d(3, 3, 1), tmp_path / "bad.onnx")
+
+
+def test_onnx_grad_checkpointing_channels_last(tmp_path):
+    # Training-time options must not leak into the exported (eval) graph.
+    model = _model("b0", {"tf_compat": True, "grad_checkpointing": True, "channels_last": True})
+    _export_and_verify(model, tmp_path, dynamo=False)
+
+
+# -- TorchScript --------------------------------------------------------------------------------
+
+JIT_CASES = [
+    pytest.param(B0_SAME, True, id="b0-same-features"),
+    pytest.param(B0_SYMMETRIC, False, id="b0-symmetric-logits"),
+    pytest.param(B0_SAME, False, id="b0-same-logits"),
+    pytest.param(B0_SYMMETRIC, True, id="b0-symmetric-features"),
+    pytest.param(("v2_s", {"tf_compat": True}), True, id="v2_s-same-features", marks=pytest.mark.slow),
+    pytest.param(("lite0", {}), False, id="lite0-logits", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("arch", "features_only"), JIT_CASES)
+def test_torchscript_script_and_trace_match_eager(arch, features_only, tmp_path):
+    model = _model(*arch, features_only=features_only)
+    scripted = export.script(model)
+    traced = export.trace(model, EXPORT_SIZE)
+    path = tmp_path / "scripted.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        for x in _inputs():  # other sizes than the trace size: the pad is not frozen in the trace
+            ref = model(x)
+            _assert_close(ref, scripted(x))
+            _assert_close(ref, loaded(x))
+            _assert_close(ref, traced(x))
+
+
+def test_script_with_grad_checkpointing_in_train_mode():
+    model = _model("b0", {"tf_compat": True, "grad_checkpointing": True}).train()
+    scripted = export.script(model)
+    x = torch.randn(2, 3, 45, 70)
+    torch.manual_seed(1)
+    ref = model(x)
+    torch.manual_seed(1)
+    out = scripted(x)
+    _assert_close({k: v.detach() for k, v in ref.items()}, {k: v.detach() for k, v in out.items()})
+    sum(v.mean() for v in out.values()).backward()
+    assert model.conv_stem.weight.grad is not None
+
+
+# -- torch.compile ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("arch", "features_only"),
+    [
+        pytest.param(B0_SAME, True, id="b0-same-features"),
+        pytest.param(B0_SYMMETRIC, False, id="b0-symmetric-logits"),
+        pytest.param(("v2_s", {"tf_compat": True}), True, id="v2_s-same-features", marks=pytest.mark.slow),
+        pytest.param(("lite0", {}), True, id="lite0-features", marks=pytest.mark.slow),
+    ],
+)
+def test_compile_fullgraph_no_breaks_no_recompile(arch, features_only):
+    model = _model(*arch, features_only=features_only)
+    # Same batch, sizes of both parities: one dynamic graph serves all of them.
+    inputs = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 97, 131), torch.randn(2, 3, 45, 70)]
+    report = export.check_compile(model, inputs, backend="eager")
+    assert report.graph_count == 1
+    assert report.graph_break_count == 0
+    assert report.max_abs_diff <= ATOL
+
+
+def test_compile_training_step_with_grad_checkpointing_channels_last():
+    model = _model("b0", {"tf_compat": True, "grad_checkpointing": True, "channels_last": True}).train()
+    x = torch.randn(2, 3, 45, 70).to(memory_format=torch.channels_last)
+    ref = _model("b0", {"tf_compat": True, "channels_last": True}).train()
+    ref.load_state_dict(model.state_dict())
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    loss = sum(v.square().mean() for v in compiled(x).values())
+    loss.backward()
+    ref_loss = sum(v.square().mean() for v in ref(x).values())
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(model.conv_stem.weight.grad, ref.conv_stem.weight.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_rejects_graph_breaks():
+    # The checker itself must catch a break.
+    class Breaks(nn.Module):
+        def forward(self, x):
+            x = x + 1
+            torch._dynamo.graph_break()
+            return x * 2
+
+    with pytest.raises(RuntimeError, match="graph breaks"):
+        export.check_compile(Breaks(), [torch.randn(2, 3)])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("cc") is None, reason="inductor needs a C++ compiler")
+def test_compile_inductor():
+    model = _model(*B0_SAME)
+    inputs = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 97, 131)]
+    report = export.check_compile(model, inputs, backend="inductor")
+    assert report.graph_break_count == 0
+    assert report.max_abs_diff <= ATOL
