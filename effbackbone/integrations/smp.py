@@ -305,12 +305,12 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> di
 class LocalWeights(Mapping[str, dict[str, str]]):
     """smp ``pretrained_settings`` that resolve ``"imagenet"`` or a file path to a local file."""
 
-    def __init__(self, name: str, variant: str | None, family: str = "efficientnet") -> None:
+    def __init__(self, name: str, variant: str | None, unit_range: bool = False) -> None:
         self.name, self.variant = name, variant
-        # timm's Lite weights were trained on [-1, 1] inputs; every other checkpoint on ImageNet mean/std.
-        lite = family == "lite"
-        self.mean = (0.5, 0.5, 0.5) if lite else (0.485, 0.456, 0.406)
-        self.std = (0.5, 0.5, 0.5) if lite else (0.229, 0.224, 0.225)
+        # The TF ports of Lite and V2 (timm tf_*) expect [-1, 1] inputs; the PyTorch-trained timm and
+        # torchvision checkpoints that the built-in names find, ImageNet mean/std.
+        self.mean = (0.5, 0.5, 0.5) if unit_range else (0.485, 0.456, 0.406)
+        self.std = (0.5, 0.5, 0.5) if unit_range else (0.229, 0.224, 0.225)
 
     def __iter__(self) -> Iterator[str]:
         return iter(("imagenet",))
@@ -346,17 +346,17 @@ def _is_path_like(key: object) -> bool:
 
 
 # -- registration ----------------------------------------------------------------------------------
-def _entry(name: str, params: dict[str, Any], variant: str | None, family: str) -> dict[str, Any]:
-    return {"encoder": EffBackboneEncoder, "pretrained_settings": LocalWeights(name, variant, family),
+def _entry(name: str, params: dict[str, Any], variant: str | None, unit_range: bool = False) -> dict[str, Any]:
+    return {"encoder": EffBackboneEncoder, "pretrained_settings": LocalWeights(name, variant, unit_range),
             "params": params}
 
 
 def register() -> list[str]:
     """Register every variant in smp's encoder registry (idempotent); returns the names."""
     names = []
-    for key, variant in VARIANTS.items():
+    for key in VARIANTS:
         name = smp_name(key)
-        _SMP_ENCODERS[name] = _entry(name, {"variant": key}, key, variant.family)
+        _SMP_ENCODERS[name] = _entry(name, {"variant": key}, key)
         names.append(name)
     return names
 
@@ -377,7 +377,8 @@ def register_custom(name: str, variant: str = "b0", **options: Any) -> str:
     # Validate the options now (on the meta device: no memory, no init cost), not at model build.
     with torch.device("meta"):
         probe = EffBackboneEncoder(variant, **{k: v for k, v in options.items() if k != "weights"})
-    _SMP_ENCODERS[name] = _entry(name, {"variant": variant, **options}, None, probe.model.cfg.variant.family)
+    unit_range = bool(options.get("tf_compat")) and probe.model.cfg.variant.family != "efficientnet"
+    _SMP_ENCODERS[name] = _entry(name, {"variant": variant, **options}, None, unit_range)
     return name
 
 

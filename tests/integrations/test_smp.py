@@ -206,6 +206,22 @@ def test_make_dilated_equals_native_dilation_and_timm(tmp_path: Path, stride: in
         torch.testing.assert_close(a, b)
 
 
+def test_tf_compat_same_padding_dilates_like_timm(tmp_path: Path) -> None:
+    name = plugin.register_custom("effbackbone-tf-b0", "b0", tf_compat=True)
+    path, classifier = timm_checkpoint(tmp_path, "tf_efficientnet_b0")
+    native = smp.encoders.get_encoder(name, weights=str(path), output_stride=16).eval()
+    patched = smp.encoders.get_encoder(name, weights=str(path)).eval()
+    patched.make_dilated(16)
+    x = torch.rand(1, 3, 72, 72)  # TF "same" padding is asymmetric at this size
+    with torch.no_grad():
+        ours = native(x)
+        for a, b in zip(ours, patched(x), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(ours[1:], timm_features("tf_efficientnet_b0", classifier, x, output_stride=16), strict=True):
+        torch.testing.assert_close(a, b)
+    assert smp.encoders.get_preprocessing_params(name, str(path))["mean"] == [0.485, 0.456, 0.406]
+
+
 def test_get_stages_covers_the_stride_16_and_32_blocks() -> None:
     encoder = smp.encoders.get_encoder(B0)
     stages = encoder.get_stages()
@@ -382,26 +398,28 @@ class TestModelSuite:
     def size(self, arch: str) -> int:
         return 2 * SIZE if arch == "pan" else SIZE
 
+    def batch(self, arch: str) -> int:
+        # As smp's own subclasses: pooling branches need > 1 value per channel in train mode.
+        return 2 if arch in ("deeplabv3", "deeplabv3plus", "pan", "pspnet", "upernet") else 1
+
     def test_forward_backward(self, arch: str) -> None:
         model = smp.create_model(arch, B0)
-        output = model(sample(size=self.size(arch)))
+        output = model(sample(batch=self.batch(arch), size=self.size(arch)))
         assert output.shape[1] == 1
         output.mean().backward()
 
     def test_in_channels_and_depth_and_out_classes(self, arch: str) -> None:
-        if arch in ("pan", "upernet", "segformer"):
-            pytest.skip(f"smp's {arch} supports encoder_depth 5 only here")
         kwargs = {"decoder_channels": (256, 128, 64)} if arch in ("unet", "unetplusplus", "manet") else {}
         model = smp.create_model(arch, B0, encoder_depth=3, in_channels=1, classes=7, **kwargs).eval()
         with torch.inference_mode():
-            assert model(sample(1, size=self.size(arch))).shape[1] == 7
+            assert model(sample(1, self.batch(arch), self.size(arch))).shape[1] == 7
 
     def test_classification_head(self, arch: str) -> None:
         aux = {"pooling": "avg", "classes": 10, "dropout": 0.5, "activation": "sigmoid"}
         model = smp.create_model(arch, B0, aux_params=aux).eval()
         with torch.inference_mode():
-            _, labels = model(sample(size=self.size(arch)))
-        assert labels.shape == (1, 10) and ((labels >= 0) & (labels <= 1)).all()
+            _, labels = model(sample(batch=self.batch(arch), size=self.size(arch)))
+        assert labels.shape == (self.batch(arch), 10) and ((labels >= 0) & (labels <= 1)).all()
 
     def test_any_resolution(self, arch: str) -> None:
         model = smp.create_model(arch, B0).eval()
@@ -413,15 +431,22 @@ class TestModelSuite:
         with torch.inference_mode():
             assert model(x).shape[2:] == x.shape[2:]
 
-    def test_save_load_with_hub_mixin(self, arch: str, tmp_path: Path) -> None:
+    def test_save_load_with_hub_mixin(self, arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         model = smp.create_model(arch, B0).eval()
         model.save_pretrained(tmp_path / "saved", dataset="test_dataset", metrics={"my_awesome_metric": 0.99})
         restored = smp.from_pretrained(str(tmp_path / "saved")).eval()
-        x = sample(size=self.size(arch))
+        x = sample(batch=self.batch(arch), size=self.size(arch))
         with torch.inference_mode():
             torch.testing.assert_close(model(x), restored(x), rtol=0, atol=0)
         readme = (tmp_path / "saved" / "README.md").read_text()
         assert "test_dataset" in readme and "my_awesome_metric" in readme
+        # Where the ImageNet file is absent, the saved weights still load with encoder_weights=None.
+        monkeypatch.delenv(plugin.WEIGHTS_DIR_ENV)
+        with pytest.raises(FileNotFoundError):
+            smp.from_pretrained(str(tmp_path / "saved"))
+        restored = smp.from_pretrained(str(tmp_path / "saved"), encoder_weights=None).eval()
+        with torch.inference_mode():
+            torch.testing.assert_close(model(x), restored(x), rtol=0, atol=0)
 
     def test_torch_script(self, arch: str) -> None:
         model = smp.create_model(arch, B0).eval()
@@ -430,14 +455,14 @@ class TestModelSuite:
                 torch.jit.script(model)
             return
         scripted = torch.jit.script(model)
-        x = sample(size=self.size(arch))
+        x = sample(batch=self.batch(arch), size=self.size(arch))
         with torch.inference_mode():
             torch.testing.assert_close(scripted(x), model(x), rtol=1e-3, atol=1e-3)
 
     @pytest.mark.slow
     def test_torch_export(self, arch: str) -> None:
         model = smp.create_model(arch, B0).eval()
-        x = sample(size=self.size(arch))
+        x = sample(batch=self.batch(arch), size=self.size(arch))
         exported = torch.export.export(model, args=(x,), strict=True)
         with torch.inference_mode():
             torch.testing.assert_close(exported.module()(x), model(x), rtol=1e-5, atol=1e-5)
@@ -448,7 +473,7 @@ class TestModelSuite:
         torch.compiler.reset()
         compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
         with torch.inference_mode():
-            compiled(sample(size=self.size(arch)))
+            compiled(sample(batch=self.batch(arch), size=self.size(arch)))
 
 
 def test_freeze_encoder_keeps_norm_statistics() -> None:
