@@ -60,6 +60,23 @@ def all_gather_objects(obj: Any) -> list[Any]:  # noqa: ANN401 - any picklable o
     return out
 
 
+def merge_rank_results(
+    gathered: list[tuple[list[dict[str, Any]], list[int]]],
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Concatenate every rank's ``(results, image_ids)``, keeping each image from the first rank that has it.
+
+    DistributedSampler pads ranks to equal length by repeating images; counting those twice would
+    bias the mAP. A rank with no images contributes nothing.
+    """
+    results: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for rank_results, rank_ids in gathered:
+        new = set(rank_ids) - seen
+        results.extend(r for r in rank_results if r["image_id"] in new)
+        seen |= new
+    return results, sorted(seen)
+
+
 class DetectionTask(L.LightningModule):
     """EfficientDet training/evaluation/prediction on COCO-format batches (``CocoDataModule``).
 
@@ -223,21 +240,14 @@ class DetectionTask(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         # Every rank gathers every rank's results (all ranks must call the collective, also those
         # without results) and evaluates the same set, so the logged numbers agree everywhere.
-        gathered = all_gather_objects((self._results, self._image_ids))
+        results, image_ids = merge_rank_results(all_gather_objects((self._results, self._image_ids)))
         self._results, self._image_ids = [], []
-        results: list[dict[str, Any]] = []
-        seen: set[int] = set()
-        for rank_results, rank_ids in gathered:
-            # DistributedSampler repeats images to even out ranks: keep each image's first copy.
-            new = set(rank_ids) - seen
-            results.extend(r for r in rank_results if r["image_id"] in new)
-            seen |= new
         coco_gt = self._ground_truth(stage)
         if coco_gt is None:
             warnings.warn(f"no COCO ground truth on the {stage} dataset (a CocoDetection); mAP not computed",
                           UserWarning, stacklevel=2)
             return
-        stats = coco_map(coco_gt, results, sorted(seen))
+        stats = coco_map(coco_gt, results, image_ids)
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "AP", sync_dist=True)
 
@@ -295,4 +305,4 @@ class DetectionTask(L.LightningModule):
             self.category_ids, self.class_names = tuple(cats["category_ids"]), tuple(cats["names"])
 
 
-__all__ = ["DetectionTask", "all_gather_objects", "num_anchors"]
+__all__ = ["DetectionTask", "all_gather_objects", "merge_rank_results", "num_anchors"]
