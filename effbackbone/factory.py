@@ -48,7 +48,7 @@ def resolve_variant(
     base = VARIANTS[_FAMILY_BASE[variant.family]]
     c = compound(phi, alpha, beta, gamma)
     # Dropout follows the reference table's steps: 0.2 at B0-B1, +0.1 every two phi, 0.1..0.5.
-    dropout = min(0.5, max(0.1, 0.2 + 0.1 * (phi // 2)))
+    dropout = round(min(0.5, max(0.1, 0.2 + 0.1 * (phi // 2))), 2)
     return Variant(base.family, base.width * c.width, base.depth * c.depth, c.resolution, dropout)
 
 
