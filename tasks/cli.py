@@ -1,5 +1,4 @@
-"""The Lightning command line for every task: ``fit``, ``validate``, ``test``, ``predict``, plus
-``quickstart`` and ``export``.
+"""The Lightning command line for every task: fit, validate, test, predict, quickstart, export.
 
 ``model.class_path`` and ``data.class_path`` in the YAML choose the task (``tasks.SegmentationTask``
 + ``tasks.data.MaskDataModule``, or the detection pair). Properties of the data that the model must
@@ -11,8 +10,9 @@ from __future__ import annotations
 
 import sys
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 # data attribute -> model init argument, linked after the data module is built.
 LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std")
@@ -29,6 +29,14 @@ class EffBackboneCLI(LightningCLI):
         """Link each ``LINKED`` data attribute to the model argument of the same name."""
         for name in LINKED:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` into ``self.config``.
+
+        Lightning warns when ``args`` is given while ``sys.argv`` has arguments too; ``main`` always
+        passes the arguments explicitly (it reads ``sys.argv`` itself), so that warning is skipped.
+        """
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:

@@ -63,7 +63,9 @@ def export_segmentation_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         # The pad-to-32 branch is traced as a constant, which is the point: H and W are fixed here.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        # The TorchScript-based exporter: much faster than dynamo on CPU and handles this model.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        # The TorchScript-based exporter (deprecated, hence the filter): much faster than dynamo on
+        # CPU, and this graph has no dynamic shapes for dynamo to add.
         torch.onnx.export(
             model, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset or 17,

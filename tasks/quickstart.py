@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         f"  best checkpoint:  {ckpt.best_model_path}\n"
         f"  last checkpoint:  {ckpt.last_model_path}\n"
         f"  metrics (CSV):    {log_dir / 'metrics.csv'}\n"
-        f"  val overlays:     {log_dir / 'overlays'} (image | ground truth | prediction, one PNG per epoch)\n"
+        f"  val overlays:     {log_dir / 'overlays'} (image | truth | prediction | errors, a PNG per epoch)\n"
         f"  predictions:      {predictions} ({len(written)} masks + overlays; {LARGE_SPEC.size[0]}x"
         f"{LARGE_SPEC.size[1]} images, tiled)\n"
         f"next:\n"

@@ -43,12 +43,33 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
+def boundaries(labels: np.ndarray) -> np.ndarray:
+    """HxW bool: pixels whose right or lower neighbour has another label."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1, :] |= labels[:-1, :] != labels[1:, :]
+    return edge
+
+
 def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend class colours over an HxWx3 uint8 image; background-named (black) classes stay untinted."""
+    """Blend class colours over an HxWx3 uint8 image and outline the regions in white.
+
+    Background-named (black) classes stay untinted. The outline keeps regions visible where a
+    class colour resembles the image's own colour.
+    """
     colours = colorize(labels, palette).astype(np.float32)
     tint = colours.any(axis=2, keepdims=True)
-    out = np.where(tint, (1 - alpha) * rgb + alpha * colours, rgb)
-    return out.round().astype(np.uint8)
+    out = np.where(tint, (1 - alpha) * rgb + alpha * colours, rgb).round().astype(np.uint8)
+    out[boundaries(labels)] = 255
+    return out
+
+
+def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """HxWx3: wrong pixels red, right ones dark gray, ignored (negative truth) black."""
+    out = np.full((*truth.shape, 3), 60, dtype=np.uint8)
+    out[(pred != truth) & (truth >= 0)] = (255, 40, 40)
+    out[truth < 0] = 0
+    return out
 
 
 def multilabel_to_ids(planes: np.ndarray) -> np.ndarray:
@@ -70,7 +91,10 @@ def render_panel(
     title: str = "",
     min_side: int = 160,
 ) -> Image.Image:
-    """A grid with one row per sample: image | ground truth | prediction, plus a colour legend.
+    """A grid with one row per sample: image | ground truth | prediction | errors, plus a legend.
+
+    Truth and prediction are drawn as plain class-colour maps (easiest to compare); the error
+    column marks wrong pixels in red.
 
     Args:
         rows: ``(rgb uint8 HxWx3, truth ids HxW or None, prediction ids HxW)`` per sample.
@@ -82,23 +106,26 @@ def render_panel(
     h, w = rows[0][0].shape[:2]
     scale = max(1, -(-min_side // min(h, w)))
     cell_w, cell_h, gap, header = w * scale, h * scale, 4, 18
-    cols = ("image", "ground truth", "prediction")
+    cols = ("image", "ground truth", "prediction", "errors")
     legend_h = 16 * (1 + (len(class_names) - 1) // 4)
-    size = (3 * cell_w + 4 * gap, header * 2 + len(rows) * (cell_h + gap) + legend_h + gap)
+    ncols = 4
+    size = (ncols * cell_w + (ncols + 1) * gap, header * 2 + len(rows) * (cell_h + gap) + legend_h + gap)
     canvas = Image.new("RGB", size, (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
     _text(draw, (gap, 3), title)
     for j, name in enumerate(cols):
         _text(draw, (gap + j * (cell_w + gap), header + 3), name)
     for i, (rgb, truth, pred) in enumerate(rows):
-        truth_cell = overlay(rgb, truth, palette) if truth is not None else np.zeros_like(rgb)
-        cells = [rgb, truth_cell, overlay(rgb, pred, palette)]
+        blank = np.zeros_like(rgb)
+        truth_cell = colorize(truth, palette) if truth is not None else blank
+        errors = error_map(truth, pred) if truth is not None else blank
+        cells = [rgb, truth_cell, colorize(pred, palette), errors]
         y = 2 * header + i * (cell_h + gap)
         for j, cell in enumerate(cells):
             im = Image.fromarray(cell).resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(im, (gap + j * (cell_w + gap), y))
     y0 = 2 * header + len(rows) * (cell_h + gap)
-    slot = (canvas.width - gap) // 4
+    slot = (canvas.width - gap) // 4  # four legend entries per line
     for k, name in enumerate(class_names):
         x, y = gap + (k % 4) * slot, y0 + (k // 4) * 16
         draw.rectangle((x, y + 2, x + 11, y + 13), fill=tuple(int(v) for v in palette[k]), outline=(200, 200, 200))

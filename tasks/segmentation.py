@@ -214,6 +214,15 @@ class SegmentationTask(L.LightningModule):
         self._log_epoch_metrics("test")
 
     # -- training schedule -------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        """Start from fresh metric states.
+
+        A ``trainer.validate``/``test`` before ``fit`` leaves states created under ``inference_mode``,
+        which fit's validation (run under ``no_grad``) cannot update in place.
+        """
+        for stage in STAGES:
+            getattr(self, f"{stage}_metrics").reset()
+
     def on_train_epoch_start(self) -> None:
         """Freeze the encoder (weights and BN statistics) for the first ``freeze_encoder_epochs``."""
         frozen = self.current_epoch < self.freeze_encoder_epochs
