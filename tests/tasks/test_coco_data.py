@@ -145,3 +145,17 @@ def test_synthetic_generator_is_deterministic(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # generated boxes are never degenerate
         dataset(a / "annotations" / "instances_train.json", a)
+
+
+def test_raccoon_reads_with_grayscale_images(shared_data):
+    root = shared_data / "raccoon"
+    dm = CocoDataModule(root=str(root), image_size=128, batch_size=2)
+    assert dm.num_classes == 1 and dm.category_map.names == ("raccoon",)
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    assert len(ds) == 40 and ds.num_dropped == 0
+    grey = [i for i, image_id in enumerate(ds.image_ids)
+            if Image.open(ds.image_dir / ds.coco.imgs[image_id]["file_name"]).mode != "RGB"]
+    for i in grey[:2] or [0]:
+        sample = ds[i]
+        assert sample["image"].shape == (3, 128, 128) and len(sample["labels"]) >= 1

@@ -45,12 +45,22 @@ def trained(tmp_path_factory):
     return SimpleNamespace(root=root, cli=cli, ckpt=root / "checkpoints" / "last.ckpt")
 
 
-def test_cli_fit_fast_dev_run_frozen_backbone(tmp_path):
+def test_cli_fit_fast_dev_run_frozen_backbone_mixed_precision(tmp_path):
+    # bf16 autocast on the CPU goes through the same mixed-precision path as 16-mixed on a GPU.
     args = ["fit", "--config", CONF, "--trainer.fast_dev_run=true", f"--data.init_args.root={tmp_path / 'data'}",
             f"--trainer.default_root_dir={tmp_path}", "--model.init_args.freeze_backbone=true",
-            "--model.init_args.ema_decay=null"]
+            "--model.init_args.ema_decay=null", "--trainer.precision=bf16-mixed"]
     assert main(args) == 0
     assert (tmp_path / "data" / "annotations" / "instances_train.json").is_file()  # generated on first use
+
+
+@pytest.mark.parametrize("name", ["quickstart_d0", "raccoon_d0"])
+def test_shipped_configs_parse(name, capsys):
+    config = Path(__file__).resolve().parents[2] / "configs" / "detection" / f"{name}.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "tasks.DetectionTask" in capsys.readouterr().out
 
 
 def test_cli_fit_logs_coco_map_and_checkpoints_categories(trained):
