@@ -86,6 +86,20 @@ def test_register_custom_phi_builds_scaled_encoder() -> None:
     assert expected.feature_channels != create_model("b0").feature_channels
 
 
+def test_register_custom_training_options_reach_the_encoder() -> None:
+    name = plugin.register_custom("effbackbone-b0-train", "b0", drop_path_rate=0.1, grad_checkpointing=True,
+                                  frozen_stages=1)
+    model = smp.Unet(name, encoder_weights=None, classes=3)
+    encoder = model.encoder.model
+    assert encoder.grad_checkpointing and encoder.cfg.drop_path_rate == 0.1
+    assert not encoder.conv_stem.weight.requires_grad and encoder.blocks[-1][0].conv_pwl.weight.requires_grad
+    model.train()
+    assert not encoder.bn1.training  # frozen stages stay in eval mode under smp's train()
+    x = sample(batch=2)
+    nn.functional.cross_entropy(model(x), torch.randint(0, 3, (2, SIZE, SIZE))).backward()
+    assert encoder.blocks[-1][0].conv_pwl.weight.grad is not None and encoder.conv_stem.weight.grad is None
+
+
 def test_register_custom_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="another library"):
         plugin.register_custom("resnet18", "b0")
@@ -268,6 +282,8 @@ def test_imagenet_from_weights_dir_env(tmp_path: Path, monkeypatch: pytest.Monke
     model = smp.create_model("fpn", B0)  # smp's default encoder_weights="imagenet"
     reference = create_model("b0", weights=path)
     torch.testing.assert_close(model.encoder.model.conv_stem.weight, reference.conv_stem.weight, rtol=0, atol=0)
+    as_true = smp.encoders.get_encoder(B0, weights=True)  # timm-style True means "imagenet" too
+    torch.testing.assert_close(as_true.model.blocks[-1][0].conv_pwl.weight, reference.blocks[-1][0].conv_pwl.weight)
     assert smp.encoders.get_preprocessing_params(B0)["std"] == [0.229, 0.224, 0.225]
 
 
@@ -335,8 +351,9 @@ DECODERS = [
 ]
 
 
-def train_step_then_eval(model: nn.Module, size: int, classes: int = 3) -> torch.Tensor:
-    x, y = sample(batch=2, size=size), torch.randint(0, classes, (2, size, size))
+def train_step_then_eval(model: nn.Module, size: int, classes: int = 3, out_size: int | None = None) -> torch.Tensor:
+    out_size = out_size or size
+    x, y = sample(batch=2, size=size), torch.randint(0, classes, (2, out_size, out_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     stem_before = model.encoder.model.conv_stem.weight.detach().clone()
     model.train()
@@ -349,7 +366,7 @@ def train_step_then_eval(model: nn.Module, size: int, classes: int = 3) -> torch
     model.eval()
     with torch.inference_mode():
         out = model(x)
-    assert out.shape == (2, classes, size, size) and out.isfinite().all()
+    assert out.shape == (2, classes, out_size, out_size) and out.isfinite().all()
     return out
 
 
@@ -367,7 +384,11 @@ def test_decoder_trains_and_evaluates(arch: str, kwargs: dict[str, int], size: i
 def test_decoder_encoder_depth(arch: str, depth: int) -> None:
     kwargs = {"decoder_channels": (256, 128, 64, 32, 16)[:depth]} if arch in ("Unet", "UnetPlusPlus", "MAnet") else {}
     model = getattr(smp, arch)(B0, encoder_weights=None, classes=3, encoder_depth=depth, **kwargs)
-    train_step_then_eval(model, SIZE)
+    # smp's FPN upsamples as if depth were 5 with any encoder: expect what its own resnet18 gives.
+    with torch.device("meta"):
+        reference = getattr(smp, arch)("resnet18", encoder_weights=None, classes=3, encoder_depth=depth, **kwargs)
+        out_size = reference.eval()(torch.empty(1, 3, SIZE, SIZE)).shape[-1]
+    train_step_then_eval(model, SIZE, out_size=out_size)
 
 
 @pytest.mark.slow
