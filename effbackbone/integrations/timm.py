@@ -244,6 +244,11 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     mode = ""
     if kwargs.pop("features_only", False):
         mode = "cfg" if ("feature_cfg" in kwargs or "feature_cls" in kwargs) else "cls"
+    if mode == "cfg" and set(post) - {"channels_last"}:
+        raise TypeError(
+            f"{sorted(set(post) - {'channels_last'})} apply to our own model classes: use features_only=True "
+            "without feature_cls/feature_cfg, or set them on the model before wrapping"
+        )
     if mode == "cfg":
         # Our levels are outputs of stages inside ``blocks``; timm's list/dict wrappers find them only
         # when that Sequential is flattened (timm's own EfficientNet fails here without it).

@@ -358,3 +358,5 @@ def test_effbackbone_options_pass_through():
         timm.create_model("effbackbone_b0", tf_compat_typo=True)
     with pytest.raises(TypeError, match="stem_adapt"):
         timm.create_model("effbackbone_b0", stem_adapt="mean")
+    with pytest.raises(TypeError, match="frozen_stages"):
+        timm.create_model("effbackbone_b0", features_only=True, feature_cls="getter", frozen_stages=2)
