@@ -268,16 +268,24 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> di
     """Make ``path`` loadable by smp's ``get_encoder`` offline; returns smp ``pretrained_settings``.
 
     The file is linked (``.safetensors``) or converted (pickle formats) into the Hugging Face cache
-    at revision ``sha1(path, size, mtime)``; ``hf_hub_download`` returns a cached file at a commit
+    at revision ``sha1(path, size, mtime, mean, std)``; ``hf_hub_download`` returns a cached file at a commit
     hash without contacting the Hub, and a changed file gets a new revision.
     """
     from huggingface_hub import constants
 
     path = path.expanduser().resolve()
     stat = path.stat()
-    revision = hashlib.sha1(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{list(mean)}|{list(std)}"
+    revision = hashlib.sha1(key.encode()).hexdigest()
     folder = Path(constants.HF_HUB_CACHE) / ("models--" + _LOCAL_REPO.replace("/", "--")) / "snapshots" / revision
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(
+            f"cannot stage {path} for smp in the Hugging Face cache {constants.HF_HUB_CACHE} ({e}); "
+            "set HF_HUB_CACHE to a writable folder, or build with encoder_weights=None and call "
+            "model.encoder.load_state_dict(effbackbone.read_state_dict(path))"
+        ) from e
     target = folder / "model.safetensors"
     if not target.exists():
         tmp = folder / f".model.{os.getpid()}.tmp"
