@@ -9,6 +9,7 @@ the deep levels of a random network are ~1e-9 and any comparison would pass).
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -71,9 +72,35 @@ def _export_and_verify(model, tmp_path, *, dynamo: bool) -> dict[str, float]:
     if dynamo:
         pytest.importorskip("onnxscript")
     path = export.export_onnx(model, tmp_path / "model.onnx", input_size=EXPORT_SIZE, dynamo=dynamo)
-    diffs = export.verify_onnx(path, model, _inputs(), atol=ATOL)
+    inputs = _inputs()
+    diffs = export.verify_onnx(path, model, inputs, atol=float("inf"))  # checks names and shapes
     assert list(diffs) == export.output_names(model)
+    if max(diffs.values()) <= ATOL:
+        return diffs
+    # Deep models with features ~20 (v2_s C5, logits): PyTorch's own float32 result is already
+    # ~2e-4 from the exact one. Then ONNX must be about as exact as PyTorch: its distance to the
+    # float64 result at most twice PyTorch's (measured: 0.8-1.1x).
+    onnx_err, torch_err = _errors_vs_float64(path, model, inputs)
+    for name in diffs:
+        assert onnx_err[name] <= max(ATOL, 2 * torch_err[name]), (name, onnx_err[name], torch_err[name])
     return diffs
+
+
+def _errors_vs_float64(path, model, inputs) -> tuple[dict[str, float], dict[str, float]]:
+    """Largest distance of the ONNX and the PyTorch float32 outputs to PyTorch float64, per output."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    exact = copy.deepcopy(model).double()
+    onnx_err: dict[str, float] = dict.fromkeys(names, 0.0)
+    torch_err: dict[str, float] = dict.fromkeys(names, 0.0)
+    with torch.no_grad():
+        for x in inputs:
+            ref, approx = _as_dict(exact(x.double())), _as_dict(model(x))
+            for name, out in zip(names, session.run(names, {"input": x.numpy()}), strict=True):
+                onnx_err[name] = max(onnx_err[name], float((torch.from_numpy(out).double() - ref[name]).abs().max()))
+                torch_err[name] = max(torch_err[name], float((approx[name].double() - ref[name]).abs().max()))
+    return onnx_err, torch_err
 
 
 def test_calibrated_outputs_are_order_one():
@@ -106,8 +133,7 @@ ONNX_CASES = [
 @pytest.mark.parametrize(("arch", "features_only", "dynamo"), ONNX_CASES)
 def test_onnx_dynamic_matches_pytorch(arch, features_only, dynamo, tmp_path):
     model = _model(*arch, features_only=features_only)
-    diffs = _export_and_verify(model, tmp_path, dynamo=dynamo)
-    assert max(diffs.values()) <= ATOL
+    _export_and_verify(model, tmp_path, dynamo=dynamo)
     assert model.training is False  # the mode it was in before export
 
 
@@ -154,6 +180,11 @@ def test_onnx_graph_signature(tmp_path):
     assert dims(dynamic)["input"] == ["batch", 3, "height", "width"]
     assert dims(dynamic)["C5"][:2] == ["batch", 320]
     assert dims(static)["input"] == list(EXPORT_SIZE)
+
+    # One Pad per strided conv (stem + 4 stride-2 blocks) with "same" padding, none with symmetric.
+    symmetric = export.export_onnx(_model(*B0_SYMMETRIC), tmp_path / "sym.onnx", input_size=EXPORT_SIZE, dynamo=False)
+    pads = [sum(n.op_type == "Pad" for n in onnx.load(str(p)).graph.node) for p in (dynamic, symmetric)]
+    assert pads == [5, 0]
 
 
 def test_onnx_restores_train_mode_and_checks_input(tmp_path):
