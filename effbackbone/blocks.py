@@ -15,8 +15,8 @@ only when stride is 1 and the widths match; stochastic depth drops the residual 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from torch import Tensor, nn
 

@@ -11,5 +11,5 @@ def test_forward_matches_feature_specs(name):
     with torch.no_grad():
         out = model(x)
     assert list(out) == [s.name for s in model.feature_specs]
-    for spec, t in zip(model.feature_specs, out.values()):
+    for spec, t in zip(model.feature_specs, out.values(), strict=True):
         assert t.shape == (1, spec.channels, 64 // spec.stride, 96 // spec.stride)
