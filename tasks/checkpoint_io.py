@@ -5,15 +5,21 @@
   ``last.ckpt`` intact (plus, at worst, a stray ``.tmp`` file that the next save removes).
 * **Safe load**: checkpoints are read with ``torch.load(weights_only=True)``; a file that needs
   arbitrary pickled objects is refused with a message naming it, and its payload never runs.
+* **RNG state**: :class:`RngState` stores the torch, numpy and Python generators in each checkpoint
+  (as tensors and plain tuples, so it still loads weights-only) and restores them when training
+  resumes: dropout and drop-path continue exactly as in an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -69,3 +75,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
         return safe_torch_load(path, map_location if map_location is not None else "cpu")
+
+
+class RngState(L.Callback):
+    """Save the global RNG states in checkpoints; restore them when training (re)starts from one."""
+
+    def __init__(self) -> None:
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generators' states as tensors and plain tuples (weights-only loadable)."""
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss), "cached": float(cached)},
+            "python": random.getstate(),
+        }  # fmt: skip
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the states until training starts (model building and setup draw from the RNGs too)."""
+        self._pending = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Apply the states of the checkpoint being resumed from, if any."""
+        state, self._pending = self._pending, None
+        if not state:
+            return
+        torch.set_rng_state(state["torch"])
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -9,7 +9,10 @@ Rules applied while reading: sparse category ids map to contiguous labels 0..K-1
 and back (``CategoryMap``); crowd annotations are not trained on (COCOeval still treats them as
 "ignore" regions); images without annotations stay as negatives; grayscale, palette and RGBA
 images become RGB; boxes are clipped to the image and the degenerate ones dropped with one
-warning that counts them; a missing image file is an error naming it.
+warning that counts them (and marked as crowd, i.e. "ignore", for COCOeval: a zero-size box can
+never be found); a missing image file is an error naming it. The json itself is checked by
+:func:`tasks.validation.sanitize_coco` (duplicate image ids, unknown image or category ids, bad
+bboxes are errors; annotation ids that are 0, missing or duplicated are renumbered).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from tasks.boxes import clip_xyxy, xywh_to_xyxy
 from tasks.data.det_transforms import build_det_transforms, letterbox_scale
+from tasks.data.sampling import EpochSampler, ResumableDataLoader, SeededDataset, default_seed
 from tasks.data.synthetic_coco import SyntheticCocoSpec, ensure_synthetic_coco
+from tasks.validation import reading, sanitize_coco, warn_ignored
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -71,8 +76,16 @@ def load_coco(annotation_file: str | Path) -> COCO:
     if not path.is_file():
         raise FileNotFoundError(f"COCO annotation file {path} does not exist; expected <root>/annotations/"
                                 "instances_<split>.json (set `root`/`train_split`/`val_split`)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"COCO annotation file {path} is not valid json ({e}); re-export it") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"COCO annotation file {path} holds a {type(data).__name__}, not a COCO dict")
+    coco = COCO()
+    coco.dataset = sanitize_coco(data, path)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO(str(path))
+        coco.createIndex()
     for ann in coco.dataset.get("annotations", []):
         # COCOeval reads both; hand-made json often leaves them out.
         ann.setdefault("iscrowd", 0)
@@ -84,7 +97,7 @@ def load_rgb(path: Path) -> np.ndarray:
     """Read an image as ``HxWx3`` uint8 RGB (grayscale, palette, 16-bit and RGBA are converted)."""
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
-    with Image.open(path) as im:
+    with reading(path, "image"), Image.open(path) as im:  # corrupt/truncated: a ValueError naming the file
         if im.mode in ("I;16", "I;16B", "I"):  # 16/32-bit grey: rescale rather than clip to 255
             arr = np.asarray(im, dtype=np.float32)
             im = Image.fromarray((255 * arr / max(float(arr.max()), 1.0)).astype(np.uint8))
@@ -114,6 +127,7 @@ class CocoDetection(Dataset[dict[str, Any]]):
         if missing:
             raise FileNotFoundError(f"{len(missing)} image file(s) listed in {annotation_file} are missing from "
                                     f"{self.image_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        self.annotation_file = Path(annotation_file)
         self.targets = [self._target(i) for i in self.image_ids]
         self.num_dropped = sum(t[2] for t in self.targets)
         if self.num_dropped:
@@ -124,8 +138,15 @@ class CocoDetection(Dataset[dict[str, Any]]):
         info = self.coco.imgs[image_id]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
         boxes = xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32))
-        labels = np.array([self.category_map.to_label(a["category_id"]) for a in anns], dtype=np.int64)
+        try:
+            labels = np.array([self.category_map.to_label(a["category_id"]) for a in anns], dtype=np.int64)
+        except KeyError as e:  # a val/test json with a category the training json does not have
+            raise ValueError(f"{self.annotation_file}: {e.args[0]} (the categories of the training json); use the "
+                             "same 'categories' in every split") from None
         boxes, keep = clip_xyxy(boxes, float(info["width"]), float(info["height"]))
+        for ann, kept in zip(anns, keep.tolist(), strict=True):
+            if not kept:  # COCOeval: an ignore region rather than a box that can never be found
+                ann["iscrowd"] = 1
         return boxes[keep], labels[keep], int((~keep).sum())
 
     def __len__(self) -> int:
@@ -156,7 +177,10 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise FileNotFoundError(f"prediction folder {self.folder} does not exist")
-        self.files = sorted(p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        entries = [p for p in self.folder.iterdir() if p.is_file()]
+        self.files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+        warn_ignored(self.folder, [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES],
+                     "non-image file(s)", f"not one of {', '.join(IMAGE_SUFFIXES)}")
         if not self.files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.folder}")
         self.image_size = image_size
@@ -283,6 +307,12 @@ class CocoDataModule(L.LightningDataModule):
         dataset = self.datasets[key]
         # BatchNorm on EfficientDet's 1x1 top level fails on a batch of one: drop a short last train batch.
         drop_last = shuffle and len(dataset) > self.batch_size  # type: ignore[arg-type]
+        if shuffle:  # seeded order and augmentation, resumable mid-epoch (tasks.data.sampling)
+            return ResumableDataLoader(
+                SeededDataset(dataset), batch_size=self.batch_size, sampler=EpochSampler(len(dataset), default_seed()),
+                num_workers=self.num_workers, collate_fn=collate_detection, drop_last=drop_last,
+                persistent_workers=self.num_workers > 0,
+            )  # fmt: skip
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
             collate_fn=collate_detection, drop_last=drop_last, persistent_workers=self.num_workers > 0,

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tasks.validation import check_finite, check_integral_mask, reading, warn_ignored
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".npy")
 MASK_SUFFIXES = (".png", ".tif", ".tiff", ".bmp", ".gif", ".npy")
 # ImageNet statistics; other channel counts use their average (a stem adapted from RGB weights
@@ -42,13 +44,15 @@ def read_image(path: str | Path, in_channels: int = 3) -> np.ndarray:
     HxW or HxWxC arrays for any channel count.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        array = np.load(path)
-    else:
-        with Image.open(path) as im:
-            if im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "1"):
-                im = im.convert("RGB" if im.mode != "1" else "L")
-            array = np.asarray(im)
+    with reading(path, "image"):  # truncated/corrupt files: an error naming the file, not PIL's
+        if path.suffix.lower() == ".npy":
+            array = np.load(path)
+        else:
+            with Image.open(path) as im:
+                if im.mode in ("P", "CMYK", "YCbCr", "LAB", "HSV", "1"):
+                    im = im.convert("RGB" if im.mode != "1" else "L")
+                array = np.asarray(im)
+    check_finite(array, path, "image")
     if array.ndim == 2:
         array = array[..., None]
     image = _to_unit(array)
@@ -103,11 +107,13 @@ def read_mask(
             are kept.
     """
     path = Path(path)
-    if path.suffix.lower() == ".npy":
-        mask = np.load(path)
-    else:
-        with Image.open(path) as im:
-            mask = np.asarray(im.convert("RGB") if class_colors is not None and im.mode not in ("RGB",) else im)
+    with reading(path, "mask"):
+        if path.suffix.lower() == ".npy":
+            mask = np.load(path)
+        else:
+            with Image.open(path) as im:
+                mask = np.asarray(im.convert("RGB") if class_colors is not None and im.mode not in ("RGB",) else im)
+    check_integral_mask(mask, path)  # float masks: whole class ids only, no NaN
     if class_colors is not None and not multilabel:
         if mask.ndim != 3 or mask.shape[2] < 3:
             raise ValueError(f"mask {path} is not a colour image but class_colors is set; drop class_colors")
@@ -163,10 +169,16 @@ def check_pair(
 
 
 def find_images(folder: Path) -> list[Path]:
-    """Image files directly in ``folder``, sorted by name; an error when there are none."""
+    """Image files directly in ``folder``, sorted by name; an error when there are none.
+
+    Other files (``notes.txt``, ``Thumbs.db``, ...) are skipped with one warning that counts them.
+    """
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    entries = [p for p in folder.iterdir() if p.is_file()]
+    files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+    warn_ignored(folder, [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES], "non-image file(s)",
+                 f"not one of {', '.join(IMAGE_SUFFIXES)}")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
@@ -191,4 +203,6 @@ def find_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
                 f"image {image} has no mask: expected {mask_dir / image.stem}.png (or {', '.join(MASK_SUFFIXES[1:])})"
             )
         pairs.append((image, masks[image.stem]))
+    stems = {image.stem for image in images}
+    warn_ignored(mask_dir, [p.name for s, p in masks.items() if s not in stems], "mask(s)", "no image of that name")
     return pairs
