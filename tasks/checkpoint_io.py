@@ -52,11 +52,18 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     except FileNotFoundError:
         raise
     except Exception as e:
-        raise UnsafeCheckpointError(
-            f"refused to load {path}: it is not a weights-only checkpoint ({type(e).__name__}: {e}). "
-            "Loading it would execute pickled code; only load files you trust, and re-save them with "
-            "torch.save(state_dict) or safetensors"
-        ) from e
+        raise unsafe_checkpoint_error(path, e) from e
+
+
+def unsafe_checkpoint_error(path: str | os.PathLike[str], error: BaseException) -> UnsafeCheckpointError:
+    """The error for a file that ``torch.load(weights_only=True)`` refused (``error``)."""
+    reason = str(error).strip().splitlines()
+    detail = next((line for line in reason if "GLOBAL" in line), reason[0] if reason else "")
+    return UnsafeCheckpointError(
+        f"refused to load {path}: it is not a weights-only checkpoint ({type(error).__name__}: {detail.strip()}). "
+        "Loading it would execute pickled code; only load files you trust, and re-save them with "
+        "torch.save(state_dict) or safetensors"
+    )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -23,8 +23,9 @@ from torch.optim.swa_utils import AveragedModel
 from effbackbone.integrations.effdet import create_efficientdet
 from tasks.boxes import split_detections, to_effdet_targets
 from tasks.eval.coco import coco_map, to_coco_results
-from tasks.guards import NonFinitePolicy, check_loss
+from tasks.guards import NonFinitePolicy, check_loss, snapshot_buffers
 from tasks.optim import build_param_groups
+from tasks.validation import check_channels
 
 
 def _ema_update_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
@@ -141,6 +142,8 @@ class DetectionTask(L.LightningModule):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.momentum = bn_momentum
         self.detector = DetBenchTrain(detector, create_labeler=True)
+        # Checked before the stem convolution, whose own error does not say which option to change.
+        self.in_channels = next(m.in_channels for m in detector.modules() if isinstance(m, nn.Conv2d))
         if freeze_backbone:
             self.detector.model.backbone.requires_grad_(False)
         self.ema: AveragedModel | None = None
@@ -167,6 +170,7 @@ class DetectionTask(L.LightningModule):
         Boxes are in original-image pixels when ``img_scale`` and ``img_size`` are given, else in
         model-input pixels.
         """
+        check_channels(images, self.in_channels, type(self).__name__)
         model = self.eval_bench().model
         predictor = self._predictor.get(id(model))
         if predictor is None:
@@ -200,6 +204,7 @@ class DetectionTask(L.LightningModule):
 
     # -- training ----------------------------------------------------------------------------------
     def _target(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        check_channels(batch["image"], self.in_channels, type(self).__name__)
         target = to_effdet_targets(batch["boxes_xyxy"], batch["labels"])
         target = {k: v.to(batch["image"].device) for k, v in target.items()}
         return {**target, "img_scale": batch["img_scale"], "img_size": batch["img_size"]}
@@ -212,12 +217,13 @@ class DetectionTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """The focal + box loss (effdet's) on one batch."""
+        saved = snapshot_buffers(self.detector) if self.nonfinite_loss == "skip" else None
         out = self.detector(batch["image"], self._target(batch))
         self._log_losses(out, "train", len(batch["image"]))
         parts = ""
         if not bool(torch.isfinite(out["loss"].detach())):  # name the culprit only when there is one
             parts = f"class_loss={out['class_loss'].item():.4g}, box_loss={out['box_loss'].item():.4g}"
-        return check_loss(out["loss"], self.global_step, self.nonfinite_loss, parts)
+        return check_loss(out["loss"], self.global_step, self.nonfinite_loss, parts, restore=saved)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
         """Update the EMA weights after each optimizer step."""

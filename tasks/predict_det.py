@@ -111,7 +111,9 @@ def predict_folder(
     """
     if not isinstance(task, DetectionTask):
         # The training-time weight paths are not needed (the checkpoint has every weight).
-        task = DetectionTask.load_from_checkpoint(task, map_location="cpu", backbone_weights=None, pretrained_path=None)
+        task = DetectionTask.load_from_checkpoint(
+            task, map_location="cpu", weights_only=True, backbone_weights=None, pretrained_path=None
+        )
     task = task.to(device).eval()
     dataset = ImageFolderDataset(input_dir, task.image_size)
     predictions: list[dict[str, Any]] = []
