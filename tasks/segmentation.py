@@ -24,6 +24,7 @@ from tasks.optim import build_param_groups
 from tasks.predict_seg import sliding_window
 from tasks.seg_losses import CompositeLoss
 from tasks.seg_metrics import build_metrics, to_metric_input
+from tasks.validation import check_channels
 
 Variant = Literal[
     "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7",
@@ -134,6 +135,7 @@ class SegmentationTask(L.LightningModule):
     # -- model -------------------------------------------------------------------------------------
     def forward(self, image: Tensor) -> Tensor:
         """Logits (N x C x H x W, C = 1 for binary) for images of any size (padded to 32, cropped back)."""
+        check_channels(image, self.in_channels, type(self).__name__)
         h, w = image.shape[-2:]
         pad_h, pad_w = -h % 32, -w % 32
         if pad_h or pad_w:
