@@ -9,10 +9,13 @@ when both classes have them; links whose source or target a class lacks are skip
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from tasks.checkpoint_io import AtomicCheckpointIO, safe_torch_load
 
 # data attribute -> model init argument, linked after the data module is built.
 LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std")
@@ -29,6 +32,28 @@ class EffBackboneCLI(LightningCLI):
         """Link each ``LINKED`` data attribute to the model argument of the same name."""
         for name in LINKED:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: object) -> Trainer:
+        """The trainer, with :class:`~tasks.checkpoint_io.AtomicCheckpointIO` unless the config set one.
+
+        Every checkpoint is then written atomically and read with ``weights_only=True``, also when the
+        YAML names no plugin.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
+
+        Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
+        """
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            safe_torch_load(ckpt)
+        super()._parse_ckpt_path()
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` into ``self.config``.

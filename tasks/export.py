@@ -63,7 +63,7 @@ def export_segmentation_onnx(
     with torch.no_grad(), warnings.catch_warnings():
         # The pad-to-32 branch is traced as a constant, which is the point: H and W are fixed here.
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript-based ONNX export")
         # The TorchScript-based exporter (deprecated, hence the filter): much faster than dynamo on
         # CPU, and this graph has no dynamic shapes for dynamo to add.
         torch.onnx.export(
@@ -94,8 +94,14 @@ def export_segmentation_onnx(
 def load_task(ckpt: str | Path) -> Any:  # noqa: ANN401 - the LightningModule named in the checkpoint
     """Instantiate the task recorded in a Lightning checkpoint, weights loaded, in eval mode."""
     hparams = safe_torch_load(ckpt).get("hyper_parameters", {})
-    module_name, _, class_name = str(hparams.get("_class_path", DEFAULT_CLASS)).rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    class_path = str(hparams.get("_class_path", DEFAULT_CLASS))
+    module_name, _, class_name = class_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name, None)
+    from lightning.pytorch import LightningModule
+
+    # The checkpoint picks the class; only ever instantiate a LightningModule from it.
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise ValueError(f"{ckpt} names class {class_path!r}, which is not a LightningModule; refusing to load it")
     return cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
 
 

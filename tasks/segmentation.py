@@ -19,7 +19,7 @@ from torch import Tensor
 
 import effbackbone.integrations.smp as eb_smp
 from tasks.data.masks import IGNORE_LABEL
-from tasks.guards import NonFinitePolicy, check_loss
+from tasks.guards import NonFinitePolicy, check_loss, snapshot_buffers
 from tasks.optim import build_param_groups
 from tasks.predict_seg import sliding_window
 from tasks.seg_losses import CompositeLoss
@@ -169,8 +169,10 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Loss of one batch (``None`` skips a non-finite one when ``nonfinite_loss="skip"``)."""
+        # BN running stats are updated in the forward; a skipped batch must not leave NaN in them.
+        saved = snapshot_buffers(self.model) if self.nonfinite_loss == "skip" else None
         loss, _ = self._shared_step(batch, "train")
-        return check_loss(loss, self.global_step, self.nonfinite_loss)
+        return check_loss(loss, self.global_step, self.nonfinite_loss, restore=saved)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Loss and predicted labels (the overlay callback draws them)."""
