@@ -15,7 +15,7 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export}
   fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
   validate    evaluate:  effbackbone validate --config <yaml> --ckpt_path <ckpt>
   test        evaluate on the test split
-  predict     a folder of images -> masks and overlays: --data.predict_root <dir> --ckpt_path <ckpt>
+  predict     a folder of images -> masks and overlays: --data.predict_dir <dir> --ckpt_path <ckpt>
   export      a checkpoint to ONNX: effbackbone export --ckpt <ckpt> --output model.onnx
 Run 'effbackbone <command> --help' for a command's options."""
 

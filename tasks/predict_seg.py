@@ -60,14 +60,14 @@ def sliding_window(
     stride = max(1, int(tile * (1 - overlap)))
     boxes = [(y, x) for y in _starts(h, th, stride) for x in _starts(w, tw, stride)]
     total: Tensor | None = None
-    count = image.new_zeros(1, 1, h, w)
+    count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         out = fn(torch.cat([image[..., y : y + th, x : x + tw] for y, x in chunk]))
-        if total is None:
-            total = out.new_zeros(1, out.shape[1], h, w)
+        if total is None:  # float32 sums even when fn runs under autocast
+            total = out.new_zeros(1, out.shape[1], h, w, dtype=torch.float32)
         for k, (y, x) in enumerate(chunk):
-            total[..., y : y + th, x : x + tw] += out[k]
+            total[..., y : y + th, x : x + tw] += out[k].float()
             count[..., y : y + th, x : x + tw] += 1
     assert total is not None
     return total / count

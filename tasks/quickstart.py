@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_data(root)
     print(f"[quickstart] data: {root} ({SPEC.num_train} train / {SPEC.num_val} val images, {NUM_LARGE} large)")
     cli = run_cli([
-        "fit", "--config", args.config, f"--data.root={root}", f"--data.predict_root={root / 'large' / 'images'}",
+        "fit", "--config", args.config, f"--data.root={root}", f"--data.predict_dir={root / 'large' / 'images'}",
         f"--trainer.default_root_dir={output}", f"--trainer.logger.init_args.save_dir={output}", *extra,
     ])  # fmt: skip
     trainer, ckpt = cli.trainer, cli.trainer.checkpoint_callback
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{LARGE_SPEC.size[1]} images, tiled)\n"
         f"next:\n"
         f"  effbackbone predict --config {args.config} --ckpt_path {ckpt.best_model_path} "
-        f"--data.predict_root <your images>\n"
+        f"--data.predict_dir <your images>\n"
         f"  effbackbone export --ckpt {ckpt.best_model_path} --output {output / 'model.onnx'}"
     )
     return 0

@@ -155,7 +155,7 @@ class MaskDataModule(L.LightningDataModule):
         color_jitter: Colour jitter strength (0 off).
         mean: Normalisation mean per channel (default ImageNet's, averaged for non-RGB).
         std: Normalisation std per channel.
-        predict_root: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
+        predict_dir: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
     """
 
     def __init__(
@@ -181,7 +181,7 @@ class MaskDataModule(L.LightningDataModule):
         color_jitter: float = 0.2,
         mean: list[float] | None = None,
         std: list[float] | None = None,
-        predict_root: str | None = None,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
@@ -247,8 +247,8 @@ class MaskDataModule(L.LightningDataModule):
             self.datasets["predict"] = self._dataset([(p, None) for p in find_images(self._predict_dir())], "predict")
 
     def _predict_dir(self) -> Path:
-        if self.hparams.predict_root:
-            return Path(self.hparams.predict_root)
+        if self.hparams.predict_dir:
+            return Path(self.hparams.predict_dir)
         for split in ("test", "val"):
             if (self.root / split / "images").is_dir():
                 return self.root / split / "images"

@@ -35,9 +35,11 @@ def _args(data, out, *extra):
     ]  # fmt: skip
 
 
-def test_fit_fast_dev_run(data, tmp_path):
-    # Through the console script's entry point: `effbackbone fit --config ...`.
-    assert effbackbone_main(["fit", *_args(data, tmp_path), "--trainer.fast_dev_run=true"]) == 0
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_fit_fast_dev_run(data, tmp_path, precision):
+    # Through the console script's entry point: `effbackbone fit --config ...`; bf16 autocast runs on CPU too.
+    args = ["fit", *_args(data, tmp_path), "--trainer.fast_dev_run=true", f"--trainer.precision={precision}"]
+    assert effbackbone_main(args) == 0
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def test_predict_tiles_large_images_to_mask_and_overlay_pngs(data, trained, tmp_
     best = cli.trainer.checkpoint_callback.best_model_path
     out = tmp_path / "pred"
     predicted = run_cli([
-        "predict", *_args(data, tmp_path), f"--ckpt_path={best}", f"--data.predict_root={data / 'large' / 'images'}",
+        "predict", *_args(data, tmp_path), f"--ckpt_path={best}", f"--data.predict_dir={data / 'large' / 'images'}",
         f"--trainer.callbacks.init_args.output_dir={out}",
     ])  # fmt: skip
     assert predicted.model.tile_size == 64
@@ -119,9 +121,22 @@ def test_overlays_go_to_tensorboard(data, tmp_path):
 def test_learns(tmp_path):
     """48 generated 64x64 images, 3 classes, 60 steps: val mIoU must rise well above an untrained model's."""
     root = generate_masks(tmp_path / "d", SyntheticMaskSpec(num_train=48, num_val=16, size=64, num_shapes=2))
-    cli = run_cli(["--config", str(CONF.parent / "seg_learn.yaml"), f"--data.root={root}"], run=False)
+    conf = CONF.parent / "seg_learn.yaml"
+    args = ["--config", str(conf), f"--data.root={root}", f"--trainer.default_root_dir={tmp_path}"]
+    cli = run_cli(args, run=False)
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]["val/miou"]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = float(cli.trainer.callback_metrics["val/miou"])
     print(f"val mIoU before {before:.3f} after {after:.3f}")
     assert before < 0.45 and after > 0.7, (before, after)
+
+
+@pytest.mark.slow
+def test_quickstart_one_epoch(tmp_path, capsys):
+    """`effbackbone quickstart` end to end, shortened to one epoch (the full run takes about 3 CPU minutes)."""
+    out = tmp_path / "runs"
+    code = effbackbone_main(["quickstart", f"--root={tmp_path / 'data'}", f"--output={out}", "--trainer.max_epochs=1"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "val mIoU (best checkpoint):" in printed and "last checkpoint:" in printed
+    assert len(list(out.glob("lightning_logs/version_0/predictions/*_overlay.png"))) == 4
+    assert list(out.glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))

@@ -145,3 +145,22 @@ def test_collate_pads_differing_sizes_with_ignore():
     assert batch["image"].shape == (2, 3, 6, 5) and batch["size"].tolist() == [[4, 5], [6, 3]]
     assert (batch["mask"][0, 4:] == IGNORE_LABEL).all() and (batch["mask"][1, :, 3:] == IGNORE_LABEL).all()
     assert batch["image"][0, :, 4:].abs().sum() == 0
+
+
+def test_multichannel_npy_images_and_multilabel_masks(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("val", 1)):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir(parents=True)
+        for i in range(n):
+            np.save(tmp_path / split / "images" / f"{i}.npy", rng.integers(0, 65535, (24, 40, 5), dtype=np.uint16))
+            np.save(tmp_path / split / "masks" / f"{i}.npy", rng.integers(0, 2, (24, 40, 3), dtype=np.uint8))
+    dm = MaskDataModule(str(tmp_path), num_classes=3, mode="multilabel", in_channels=5, image_size=16,
+                        batch_size=3, eval_resize="pad")  # fmt: skip
+    batch = _first_batch(dm)
+    assert batch["image"].shape == (3, 5, 16, 16) and batch["mask"].shape == (3, 3, 16, 16)
+    assert len(dm.mean) == 5 and set(batch["mask"].unique().tolist()) <= {0, 1}
+    with pytest.raises(ValueError, match="has 5 channels but in_channels=3"):
+        wrong = MaskDataModule(str(tmp_path), num_classes=3, mode="multilabel", eval_resize="pad")
+        wrong.setup("fit")
+        wrong.datasets["val"][0]

@@ -29,5 +29,5 @@ def test_membrane_config_reads_the_data_and_runs_a_step(shared_data, tmp_path):
     assert train["image"].shape == (4, 1, 256, 256) and set(train["mask"].unique().tolist()) <= {0, 1}
     val = next(iter(data.val_dataloader()))
     assert val["image"].shape == (2, 1, 512, 512)
-    assert len(data.datasets["train"]) == 2 * 24 and len(data.datasets["val"]) == 6
+    assert len(data.datasets["train"]) == 4 * 24 and len(data.datasets["val"]) == 6
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss_step"])
