@@ -135,8 +135,8 @@ def measured_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     }
     rows = []
     for mode, opts in configs.items():
-        r = common.peak_rss_delta(_CHILD.format(threads=args.threads, opts=repr(opts), batch=batch, res=res))
-        growth = (r["peak_kib"] - r["base_kib"]) / 1024
+        code = _CHILD.format(threads=args.threads, opts=repr(opts), batch=batch, res=res)
+        growth = common.peak_rss_growth_mib(code, args.rss_repeats)
         rows.append({"mode": mode, "batch": batch, "resolution": res, "peak_rss_growth_mib": growth})
         print(f"measured b0 {res}px batch {batch} {mode:<18} peak RSS growth over a step {growth:8.1f} MiB")
     return rows

@@ -16,7 +16,8 @@ Memory, two ways:
 * ``peak RSS MiB``: the growth of the peak RSS over one training step in a fresh process per
   model, after the AdamW state was allocated (zero gradients, lr 0): activations and temporaries,
   from the real allocations (with the malloc settings freed memory stays in the heap, so this is
-  the peak of live allocations plus fragmentation). Skip with ``--no-rss``.
+  the peak of live allocations plus fragmentation, which varies by ~5% between runs: the minimum
+  over ``--rss-repeats`` children, 3 in the full run). Skip with ``--no-rss``.
 
 Run: ``python3 benchmarks/bench_unet_train.py [--quick] [--no-rss]``
 """
@@ -145,8 +146,7 @@ def main(argv: list[str] | None = None) -> None:
                 threads=args.threads, bench_dir=str(common.ROOT / "benchmarks"), key=r["key"],
                 channels_last=args.channels_last, size=args.size,
             )
-            res = common.peak_rss_delta(code)
-            r["peak_rss_growth_mib"] = (res["peak_kib"] - res["base_kib"]) / 1024
+            r["peak_rss_growth_mib"] = common.peak_rss_growth_mib(code, args.rss_repeats)
     title = f"U-Net B0 train step {args.size}x{args.size} batch {BATCH}, {CLASSES} classes, fp32, AdamW, {fmt}"
     common.print_table(title, rows, unit="img/s")
     print(f"\n{'case':<28}{'params M':>9}{'saved MiB':>11}{'peak RSS MiB':>14}")

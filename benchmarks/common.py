@@ -70,6 +70,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stock-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/<name>.json)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rss-repeats", type=int, default=None, help="children per RSS figure (min; 1 quick, 3 full)")
 
 
 def setup(args: argparse.Namespace) -> None:
@@ -79,6 +80,8 @@ def setup(args: argparse.Namespace) -> None:
     random.seed(args.seed)
     if args.rounds is None:
         args.rounds = 5 if args.quick else 15
+    if args.rss_repeats is None:
+        args.rss_repeats = 1 if args.quick else 3
 
 
 def machine_info() -> dict[str, Any]:
@@ -280,22 +283,28 @@ def _kib(key):
 """
 
 
-def peak_rss_delta(code: str, timeout: float = 600.0) -> dict[str, Any]:
-    """Run :data:`CHILD_PRELUDE` + ``code`` in a fresh interpreter; it prints one JSON line last.
+def peak_rss_growth_mib(code: str, repeats: int = 1, timeout: float = 600.0) -> float:
+    """Run :data:`CHILD_PRELUDE` + ``code`` in fresh interpreters; the smallest peak-RSS growth (MiB).
 
     The child calls ``_reset_peak()`` just before the measured work, so the import and
-    model-building peaks do not mask it, then reports ``_kib("VmRSS")`` before and
-    ``_kib("VmHWM")`` after. With :data:`MALLOC_ENV` (no mmap, no trim) freed memory stays in the
-    heap, so the peak is that of live allocations plus allocator fragmentation.
+    model-building peaks do not mask it, and prints ``{"base_kib": _kib("VmRSS"), "peak_kib":
+    _kib("VmHWM")}`` as its last line. With :data:`MALLOC_ENV` (no mmap, no trim) freed memory
+    stays in the heap, so the peak is that of live allocations plus allocator fragmentation. The
+    fragmentation varies by a few percent from run to run and only ever adds, hence the minimum
+    over ``repeats`` children.
     """
     # The child inherits this process's malloc settings and must not re-exec itself.
     env = {**os.environ, "PYTHONPATH": str(ROOT), _REEXEC_FLAG: "1"}
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD_PRELUDE + code], capture_output=True, text=True, env=env, timeout=timeout
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"child failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    growth = math.inf
+    for _ in range(repeats):
+        res = subprocess.run(
+            [sys.executable, "-c", CHILD_PRELUDE + code], capture_output=True, text=True, env=env, timeout=timeout
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"child failed:\n{res.stderr[-3000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        growth = min(growth, (r["peak_kib"] - r["base_kib"]) / 1024)
+    return growth
 
 
 def importable(module: str) -> bool:

@@ -179,11 +179,18 @@ def test_grad_checkpointing_saves_memory():
 
 @pytest.mark.slow
 def test_memory_efficient_compiles():
-    model = create_model("b0", memory_efficient=True, features_only=False, drop_rate=0.0)
-    ref = copy.deepcopy(model)
-    x = torch.randn(2, 3, 32, 32)
-    torch.compile(model)(x).square().mean().backward()
-    ref(x).square().mean().backward()
-    for a, b in zip(model.parameters(), ref.parameters(), strict=True):
-        # Relative to each gradient's scale: compiled kernels reassociate sums.
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-4 * float(b.grad.abs().max()) + 1e-8)
+    """Under torch.compile the module takes the plain path: the same graph as the plain model."""
+    plain = create_model("b0", features_only=False, drop_rate=0.0)
+    efficient = set_memory_efficient(copy.deepcopy(plain))
+    x = torch.randn(4, 3, 64, 64)
+    with torch.no_grad():
+        eager = plain(x)
+    outs = []
+    for model in (plain, efficient):
+        out = torch.compile(model)(x)
+        out.square().mean().backward()
+        outs.append(out.detach())
+    torch.testing.assert_close(outs[0], eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    for a, b in zip(plain.parameters(), efficient.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0)
