@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.mask_io import check_pair, default_stats, find_images, find_pairs, read_image, read_mask
+from tasks.data.sampling import EpochSampler, ResumableDataLoader, SeededDataset, default_seed
 from tasks.data.transforms import EvalResize, build_transforms
 
 IGNORE_LABEL = -100
@@ -255,6 +256,13 @@ class MaskDataModule(L.LightningDataModule):
         return self.root / "train" / "images"
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
+        dataset = self.datasets[split]
+        if shuffle:  # seeded order and augmentation, resumable mid-epoch (tasks.data.sampling)
+            return ResumableDataLoader(
+                SeededDataset(dataset), batch_size=batch_size, sampler=EpochSampler(len(dataset), default_seed()),
+                num_workers=self.hparams.num_workers, collate_fn=collate_padded, drop_last=len(dataset) > batch_size,
+                persistent_workers=self.hparams.num_workers > 0,
+            )  # fmt: skip
         return DataLoader(
             self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
             collate_fn=collate_padded, drop_last=shuffle and len(self.datasets[split]) > batch_size,
