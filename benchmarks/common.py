@@ -73,8 +73,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rss-repeats", type=int, default=None, help="children per RSS figure (min; 1 quick, 3 full)")
 
 
+_LOAD_START: tuple[float, float, float] | None = None
+
+
 def setup(args: argparse.Namespace) -> None:
-    """Threads, seeds and default rounds."""
+    """Threads, seeds and default rounds; records the load average at the start."""
+    global _LOAD_START
+    _LOAD_START = os.getloadavg()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -108,7 +113,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "cuda_available": torch.cuda.is_available(),
         "malloc": "stock" if "MALLOC_MMAP_THRESHOLD_" not in os.environ else MALLOC_ENV,
-        "loadavg_start": os.getloadavg(),
+        "loadavg_start": _LOAD_START,
         "git_commit": commit,
         "argv": sys.argv,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -192,15 +197,15 @@ def summarize(cases: list[Case], reference: str) -> list[dict[str, Any]]:
 def print_table(title: str, rows: list[dict[str, Any]], unit: str = "img/s") -> None:
     """Median throughput and paired speed-up vs the reference, with the interquartile range."""
     ref = rows[0]["reference"]
-    print(f"\n== {title}   (speed-up = median over rounds of t[{ref}] / t[row]; IQR in brackets)")
+    print(f"\n== {title}\n   speed-up = median over rounds of t[{ref}] / t[row] (paired), with its interquartile range")
     width = max(len(r["name"]) for r in rows) + 2
-    print(f"{'case':<{width}}{unit:>10}{'median ms':>11}{'IQR ms':>16}{'speed-up':>10}{'IQR':>16}")
+    print(f"{'case':<{width}}{unit:>10}{'median ms':>11}{'IQR ms':>16}{'min ms':>9}{'speed-up':>10}{'IQR':>12}")
     for r in rows:
         iqr = f"{r['q1_s'] * 1e3:.1f}-{r['q3_s'] * 1e3:.1f}"
         riqr = f"{r['speedup_q1']:.2f}-{r['speedup_q3']:.2f}"
         print(
             f"{r['name']:<{width}}{r['items_per_s']:>10.2f}{r['median_s'] * 1e3:>11.1f}{iqr:>16}"
-            f"{r['speedup_vs_ref']:>10.2f}{riqr:>16}"
+            f"{r['min_s'] * 1e3:>9.1f}{r['speedup_vs_ref']:>10.2f}{riqr:>12}"
         )
 
 
@@ -255,6 +260,12 @@ def saved_tensor_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor] = (
 CHILD_PRELUDE = r"""
 import json, resource, torch
 def _reset_peak():
+    import ctypes, gc
+    gc.collect()
+    try:  # hand free heap pages back, so that reusing them during the step shows up in RSS again
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:  # Linux >= 4.0: writing 5 resets VmHWM (the peak RSS) to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -286,12 +297,13 @@ def _kib(key):
 def peak_rss_growth_mib(code: str, repeats: int = 1, timeout: float = 600.0) -> float:
     """Run :data:`CHILD_PRELUDE` + ``code`` in fresh interpreters; the smallest peak-RSS growth (MiB).
 
-    The child calls ``_reset_peak()`` just before the measured work, so the import and
-    model-building peaks do not mask it, and prints ``{"base_kib": _kib("VmRSS"), "peak_kib":
-    _kib("VmHWM")}`` as its last line. With :data:`MALLOC_ENV` (no mmap, no trim) freed memory
-    stays in the heap, so the peak is that of live allocations plus allocator fragmentation. The
-    fragmentation varies by a few percent from run to run and only ever adds, hence the minimum
-    over ``repeats`` children.
+    The child calls ``_reset_peak()`` just before the measured work: it returns free heap pages
+    to the OS (``malloc_trim``), so memory freed while building the model is not silently reused,
+    and resets the peak counter, so the import and build peaks do not mask the step. The child
+    prints ``{"base_kib": _kib("VmRSS"), "peak_kib": _kib("VmHWM")}`` as its last line. With
+    :data:`MALLOC_ENV` (no mmap, no trim) memory freed during the step stays in the heap, so the
+    peak is that of live allocations plus allocator fragmentation. The fragmentation varies by a
+    few percent from run to run and only ever adds, hence the minimum over ``repeats`` children.
     """
     # The child inherits this process's malloc settings and must not re-exec itself.
     env = {**os.environ, "PYTHONPATH": str(ROOT), _REEXEC_FLAG: "1"}

@@ -15,7 +15,7 @@ from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-from tasks.checkpoint_io import AtomicCheckpointIO, safe_torch_load
+from tasks.checkpoint_io import AtomicCheckpointIO, RngState, safe_torch_load
 
 # data attribute -> model init argument, linked after the data module is built.
 LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std")
@@ -42,6 +42,8 @@ class EffBackboneCLI(LightningCLI):
         trainer = super().instantiate_trainer(**kwargs)
         if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, RngState) for c in trainer.callbacks):  # RNG states in checkpoints, for resume
+            trainer.callbacks.append(RngState())
         return trainer
 
     def _parse_ckpt_path(self) -> None:

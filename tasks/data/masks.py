@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.data.mask_io import check_pair, default_stats, find_images, find_pairs, read_image, read_mask
-from tasks.data.sampling import EpochSampler, ResumableDataLoader, SeededDataset, default_seed
+from tasks.data.sampling import (
+    EpochSampler,
+    ResumableDataLoader,
+    SeededDataset,
+    default_seed,
+    unrepeated_eval_sampler,
+)
 from tasks.data.transforms import EvalResize, build_transforms
 
 IGNORE_LABEL = -100
@@ -264,8 +270,9 @@ class MaskDataModule(L.LightningDataModule):
                 persistent_workers=self.hparams.num_workers > 0,
             )  # fmt: skip
         return DataLoader(
-            self.datasets[split], batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-            collate_fn=collate_padded, drop_last=shuffle and len(self.datasets[split]) > batch_size,
+            # Under DDP each val/test image goes to one rank only: padded repeats would count twice in the metrics.
+            dataset, batch_size=batch_size, sampler=unrepeated_eval_sampler(dataset),
+            num_workers=self.hparams.num_workers, collate_fn=collate_padded,
             persistent_workers=self.hparams.num_workers > 0,
         )  # fmt: skip
 

@@ -75,11 +75,6 @@ def _single_validate(config: Path, tmp: Path, *extra: str) -> dict[str, float]:
                                 verbose=False)[0]  # fmt: skip
 
 
-@pytest.mark.xfail(
-    reason="open (issue 7): under 2-rank DDP the segmentation val mIoU differs slightly from one process "
-    "(0.0883 vs 0.0915 measured), likely the DistributedSampler's padded repeats counted by torchmetrics",
-    strict=False,
-)
 def test_segmentation_ddp_miou_equals_single_process(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
     from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
