@@ -256,6 +256,28 @@ def saved_tensor_bytes(fn: Callable[[], Any], params: Iterable[torch.Tensor] = (
     return sum(seen.values()), out
 
 
+def tracked_peak(step: Callable[[], Any], model: torch.nn.Module, optimizer: Any = None) -> dict[str, int] | None:
+    """Peak live tensor bytes during one call of ``step``, by category, or ``None`` if unavailable.
+
+    Uses torch's ``MemTracker`` (``torch.distributed._tools.mem_tracker``), which follows every
+    tensor's storage through a dispatch mode: parameters, buffers, gradients, optimizer states,
+    activations and temporaries at the moment of the peak. It counts tensors, not allocator
+    blocks, so it is deterministic and works on CPU and on the ``meta`` device (shapes only: any
+    variant, resolution and batch for free); cuDNN workspaces and allocator slack come on top.
+    Call ``step`` once before (optimizer state allocated): the tracker handles one iteration.
+    """
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # a private module; it may move between torch versions
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model, *([optimizer] if optimizer is not None else []))
+    with tracker:
+        step()
+    snap = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {(k if isinstance(k, str) else k.name).lower(): int(v) for k, v in snap.items()}
+
+
 # Prepended to child programs: reset the peak-RSS counter, then read current and peak RSS (KiB).
 CHILD_PRELUDE = r"""
 import json, resource, torch
