@@ -1,23 +1,21 @@
 """Training memory per variant at its native resolution, and the batch that fits in 16/24/80 GB.
 
-Activation memory is the dominant, batch-proportional part of training memory. It is *computed*,
-not sampled: a forward pass on the ``meta`` device (shapes only, no data, no time) under
-``torch.autograd.graph.saved_tensors_hooks`` adds up every tensor autograd keeps for backward,
-each storage once (:func:`common.saved_tensor_bytes`). That count is exact and independent of the
-device. Per image = saved(batch 2) - saved(batch 1).
+Everything is computed on the ``meta`` device (shapes only: no data, no time, any size), so the
+numbers are exact and device-independent:
 
-Gradient checkpointing keeps, per stage, only the stage input; during backward one stage at a
-time is recomputed. Its activation memory is estimated as stem + head + all stage inputs + the
-largest stage's own saved tensors (an upper bound: later stage inputs are freed as backward goes).
+* ``peak``: the peak of live tensor bytes during one AdamW training step of the classifier
+  (``features_only=False``), tracked by :func:`common.tracked_peak` (torch's ``MemTracker``):
+  parameters, gradients, optimizer states, activations, temporaries, and with gradient
+  checkpointing the recomputation. Per image = peak(batch 2) - peak(batch 1); fixed = the rest.
+* ``saved``: the activations alone, i.e. what autograd keeps for backward
+  (:func:`common.saved_tensor_bytes`), per image.
 
-The batch that fits a budget is an *estimate*:
-``floor((0.9 * budget - 16 * params - 1 GiB) / activation_bytes_per_image)``: weights, gradients
-and two AdamW moments in fp32 (16 bytes per parameter), 1 GiB for the CUDA context and
-workspaces, 10% for allocator fragmentation and transient gradient buffers. fp32 throughout.
+The batch that fits a budget is an *estimate* from those exact counts:
+``floor((0.9 * budget - 1 GiB - fixed) / peak_per_image)``, with 1 GiB for the CUDA context and
+cuDNN workspaces and 10% for the caching allocator's rounding and fragmentation. fp32 throughout.
 
 With ``--measure``, a CPU training step of B0 is also run in fresh subprocesses and the peak RSS
-increase reported, as a real-allocation cross-check of the ratios (plain / memory-efficient /
-checkpointing).
+increase reported, as a real-allocation cross-check (plain / memory-efficient / checkpointing).
 
 Run: ``python3 benchmarks/bench_memory.py [--quick] [--measure]``
 """
@@ -29,77 +27,70 @@ from typing import Any
 
 import common  # first: re-execs with the malloc settings before torch is imported
 import torch
-from torch import nn
+import torch.nn.functional as F
 
 from effbackbone import VARIANTS, create_model
-from effbackbone.activations import set_memory_efficient
-from effbackbone.model import EfficientNet
 
 GIB = 2**30
 BUDGETS_GB = (16, 24, 80)
 OVERHEAD = 1 * GIB
+MODES: dict[str, dict[str, bool]] = {
+    "plain": {},
+    "memory_efficient": {"memory_efficient": True},
+    "checkpoint": {"grad_checkpointing": True},
+    "checkpoint+memory_efficient": {"grad_checkpointing": True, "memory_efficient": True},
+}
 
 
-def _saved(model: nn.Module, batch: int, res: int) -> int:
-    x = torch.randn(batch, 3, res, res, device="meta")
-    return common.saved_tensor_bytes(lambda: model(x), model.parameters())[0]
+def step_peak(name: str, res: int, batch: int, opts: dict[str, bool]) -> dict[str, int] | None:
+    """Tracked peak bytes of one training step on the meta device (after a first, untracked one)."""
+    with torch.device("meta"):
+        model = create_model(name, features_only=False, drop_rate=0.0, **opts)
+        x, y = torch.randn(batch, 3, res, res), torch.randint(0, 1000, (batch,))
+    opt = torch.optim.AdamW(model.parameters())
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    step()
+    return common.tracked_peak(step, model, opt)
 
 
-def _stage_breakdown(model: EfficientNet, res: int) -> dict[str, Any]:
-    """Per-image saved bytes inside each stage, each stage's input bytes, and the rest."""
-    current = {"stage": -1}
-    per_stage: dict[int, dict[int, int]] = {}
-    inputs: list[int] = []
-    hooks = []
-    for i, stage in enumerate(model.blocks):
-
-        def pre(_m: nn.Module, args: tuple[torch.Tensor, ...], i: int = i) -> None:
-            current["stage"] = i
-            inputs.append(args[0].numel() * args[0].element_size())
-
-        def post(_m: nn.Module, _a: Any, _o: Any) -> None:
-            current["stage"] = -1
-
-        hooks += [stage.register_forward_pre_hook(pre), stage.register_forward_hook(post)]
-    params = {id(p) for p in model.parameters()}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        base = t._base if t._base is not None else t
-        if not isinstance(base, nn.Parameter) and id(base) not in params:
-            per_stage.setdefault(current["stage"], {})[id(base)] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.randn(1, 3, res, res, device="meta")
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    for h in hooks:
-        h.remove()
-    sizes = {k: sum(v.values()) for k, v in per_stage.items()}
-    outside = sizes.pop(-1, 0)
-    return {"outside": outside, "stage_saved": [sizes.get(i, 0) for i in range(len(model.blocks))], "inputs": inputs}
+def saved_per_image(name: str, res: int, opts: dict[str, bool]) -> int:
+    """Activation bytes autograd saves per image (saved(batch 2) - saved(batch 1))."""
+    with torch.device("meta"):
+        model = create_model(name, features_only=False, **opts)
+    out = []
+    for batch in (1, 2):
+        x = torch.randn(batch, 3, res, res, device="meta")
+        out.append(common.saved_tensor_bytes(lambda x=x: model(x), model.parameters())[0])
+    return out[1] - out[0]
 
 
 def variant_row(name: str) -> dict[str, Any]:
-    """Activation bytes per image (plain, memory-efficient, checkpointed) and the batch per budget."""
+    """Per-image and fixed peak memory for every mode, and the batch per budget."""
     res = VARIANTS[name].resolution
     with torch.device("meta"):
-        model = create_model(name, features_only=False).train()
-    params = sum(p.numel() for p in model.parameters())
-    plain = _saved(model, 2, res) - _saved(model, 1, res)
-    br = _stage_breakdown(model, res)
-    ckpt = br["outside"] + sum(br["inputs"]) + max(br["stage_saved"])
-    set_memory_efficient(model)
-    efficient = _saved(model, 2, res) - _saved(model, 1, res)
-    br_me = _stage_breakdown(model, res)
-    ckpt_me = br_me["outside"] + sum(br_me["inputs"]) + max(br_me["stage_saved"])
-    fixed = 16 * params + OVERHEAD
-    per_image = {
-        "plain": plain, "memory_efficient": efficient, "checkpoint": ckpt, "checkpoint+memory_efficient": ckpt_me,
+        params = sum(p.numel() for p in create_model(name, features_only=False).parameters())
+    row: dict[str, Any] = {
+        "variant": name, "resolution": res, "params": params,
+        "saved_per_image": {m: saved_per_image(name, res, MODES[m]) for m in ("plain", "memory_efficient")},
+        "peak_per_image": {}, "peak_fixed": {}, "batch_fits": {},
     }
-    fits = {
-        mode: {gb: max(0, int((0.9 * gb * 1e9 - fixed) // b)) for gb in BUDGETS_GB} for mode, b in per_image.items()
-    }
-    return {"variant": name, "resolution": res, "params": params, "act_bytes_per_image": per_image, "batch_fits": fits}
+    for mode, opts in MODES.items():
+        p1, p2 = step_peak(name, res, 1, opts), step_peak(name, res, 2, opts)
+        if p1 is None or p2 is None:
+            print("[skip] peak tracking: torch.distributed._tools.mem_tracker is not available")
+            return row
+        per_image = p2["total"] - p1["total"]
+        fixed = p1["total"] - per_image
+        row["peak_per_image"][mode], row["peak_fixed"][mode] = per_image, fixed
+        row["batch_fits"][mode] = {
+            gb: max(0, int((0.9 * gb * 1e9 - OVERHEAD - fixed) // per_image)) for gb in BUDGETS_GB
+        }
+    return row
 
 
 _CHILD = r"""
@@ -143,26 +134,30 @@ def measured_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
-    """The activation table and the batch-fits table."""
-    print("\nactivation memory per image (fp32, MiB; computed exactly from saved tensors on the meta device)")
-    cols = ("plain", "mem-eff", "ckpt", "ckpt+me")
-    print(f"{'variant':<8}{'res':>5}{'params M':>9}" + "".join(f"{c:>9}" for c in cols) + f"{'ckpt saves':>11}")
+    """The per-image table and the batch-fits table."""
+    mib = 2**20
+    print("\ntraining step memory per image at native resolution (fp32, AdamW, MiB; exact, meta device)")
+    cols = ("saved", "peak", "peak me", "peak ckpt", "ckpt+me", "fixed")
+    print(f"{'variant':<8}{'res':>5}{'params M':>9}" + "".join(f"{c:>10}" for c in cols) + f"{'ckpt saves':>11}")
     for r in rows:
-        a = {k: v / 2**20 for k, v in r["act_bytes_per_image"].items()}
+        p = r["peak_per_image"]
+        if not p:
+            continue
+        cells = [r["saved_per_image"]["plain"], p["plain"], p["memory_efficient"], p["checkpoint"],
+                 p["checkpoint+memory_efficient"], r["peak_fixed"]["plain"]]
         print(
-            f"{r['variant']:<8}{r['resolution']:>5}{r['params'] / 1e6:>9.1f}{a['plain']:>9.0f}"
-            f"{a['memory_efficient']:>9.0f}{a['checkpoint']:>9.0f}{a['checkpoint+memory_efficient']:>9.0f}"
-            f"{1 - a['checkpoint'] / a['plain']:>11.0%}"
+            f"{r['variant']:<8}{r['resolution']:>5}{r['params'] / 1e6:>9.1f}"
+            + "".join(f"{c / mib:>10.0f}" for c in cells)
+            + f"{1 - p['checkpoint'] / p['plain']:>11.0%}"
         )
     print("\nestimated training batch that fits (fp32, AdamW; see the module docstring for the formula)")
     print(f"{'variant':<8}" + "".join(f"{f'{gb} GB':>22}" for gb in BUDGETS_GB))
     print(f"{'':<8}" + "".join(f"{'plain/me/ckpt/ckpt+me':>22}" for _ in BUDGETS_GB))
     for r in rows:
         f = r["batch_fits"]
-        cells = [
-            "/".join(str(f[m][gb]) for m in ("plain", "memory_efficient", "checkpoint", "checkpoint+memory_efficient"))
-            for gb in BUDGETS_GB
-        ]
+        if not f:
+            continue
+        cells = ["/".join(str(f[m][gb]) for m in MODES) for gb in BUDGETS_GB]
         print(f"{r['variant']:<8}" + "".join(f"{c:>22}" for c in cells))
 
 
@@ -174,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--measure", action="store_true", help="also measure peak RSS of CPU training steps (B0)")
     args = parser.parse_args(argv)
     common.setup(args)
-    names = args.variants or [f"b{i}" for i in range(8)] + ["lite0", "v2_s", "v2_m"]
+    full = [f"b{i}" for i in range(8)] + ["lite0", "v2_s", "v2_m"]
+    names = args.variants or (["b0", "b1", "b2", "b3"] if args.quick else full)
     rows = [variant_row(n) for n in names]
     print_rows(rows)
     payload: dict[str, Any] = {"budgets_gb": BUDGETS_GB, "overhead_bytes": OVERHEAD, "variants": rows}
