@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
 from tasks.seg_viz import multilabel_to_ids, render_panel, to_rgb
+from tasks.writers import run_subdir
 
 
 def _display(image: Tensor, datamodule: Any) -> np.ndarray:  # noqa: ANN401 - any data module
@@ -90,7 +91,7 @@ class SegmentationOverlays(Callback):
         miou = trainer.callback_metrics.get("val/miou")
         title = f"epoch {trainer.current_epoch}" + (f"  val mIoU {float(miou):.3f}" if miou is not None else "")
         panel = render_panel(rows, names, title=title, min_side=self.min_side)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"
+        out_dir = run_subdir(trainer, "overlays")
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
         panel.save(self.last_path)

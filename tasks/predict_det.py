@@ -22,7 +22,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
@@ -30,6 +29,7 @@ from torchvision.utils import draw_bounding_boxes
 from tasks.data.coco import ImageFolderDataset, collate_detection, load_rgb
 from tasks.detection import DetectionTask, all_gather_objects
 from tasks.eval.coco import to_coco_results
+from tasks.writers import PredictionWriter
 
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
 
@@ -123,7 +123,7 @@ def predict_folder(
     return write_predictions(predictions, output_dir, task.category_ids, task.class_names, score_threshold)
 
 
-class DetectionWriter(BasePredictionWriter):
+class DetectionWriter(PredictionWriter):
     """Writes the detection outputs during ``effbackbone predict`` (the files of :func:`write_predictions`).
 
     Args:
@@ -133,8 +133,7 @@ class DetectionWriter(BasePredictionWriter):
     """
 
     def __init__(self, output_dir: str | None = None, score_threshold: float = 0.3, draw: bool = True) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
+        super().__init__(output_dir)
         self.score_threshold = score_threshold
         self.draw = draw
         self._predictions: list[dict[str, Any]] = []
@@ -143,16 +142,7 @@ class DetectionWriter(BasePredictionWriter):
         """Start a fresh collection."""
         self._predictions = []
 
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,  # noqa: ANN401 - whatever predict_step returned
-        batch_indices: Sequence[int] | None,
-        batch: Any,  # noqa: ANN401
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any) -> None:  # noqa: ANN401
         """Keep the batch's detections (on the CPU) until the epoch ends."""
         self._predictions.extend(_cpu(p) for p in prediction)
 
@@ -162,7 +152,7 @@ class DetectionWriter(BasePredictionWriter):
         self._predictions = []
         if trainer.is_global_zero:
             unique = list({p["image_id"]: p for p in gathered}.values())  # DistributedSampler repeats some
-            out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+            out = self.output_path(trainer)
             if not isinstance(pl_module, DetectionTask):
                 raise TypeError(f"DetectionWriter needs a DetectionTask, got {type(pl_module).__name__}")
             cats, names = pl_module.category_ids, pl_module.class_names

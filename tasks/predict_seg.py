@@ -11,14 +11,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 from torch import Tensor
 
 from tasks.data.mask_io import default_stats, find_images, read_image
 from tasks.seg_viz import class_palette, multilabel_to_ids, overlay, to_rgb
+from tasks.writers import PredictionWriter
 
 if TYPE_CHECKING:
     import lightning as L
@@ -124,29 +125,16 @@ def predict_folder(
     return written
 
 
-class SegmentationWriter(BasePredictionWriter):
+class SegmentationWriter(PredictionWriter):
     """Writes each predicted image's mask and overlay PNG during ``effbackbone predict``.
 
     Args:
         output_dir: Folder for the PNGs (default ``<log dir>/predictions``).
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = output_dir
-
-    def write_on_batch_end(
-        self,
-        trainer: L.Trainer,
-        pl_module: L.LightningModule,
-        prediction: Any,  # noqa: ANN401 - whatever predict_step returned
-        batch_indices: Sequence[int] | None,
-        batch: Any,  # noqa: ANN401
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
+    def write_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any) -> None:  # noqa: ANN401
         """Save the batch's masks and overlays (original pixels read back from the image files)."""
-        out = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
+        out = self.output_path(trainer)
         names = getattr(pl_module, "class_names", None) or [str(i) for i in range(prediction["probs"][0].shape[0])]
         in_channels = getattr(pl_module, "in_channels", 3)
         for path, labels in zip(prediction["path"], prediction["labels"], strict=True):
