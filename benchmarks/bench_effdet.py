@@ -7,7 +7,8 @@
 
 Train step (batch 2): ``DetBenchTrain`` forward with 3 random boxes per image (effdet targets:
 ``bbox`` yxyx, ``cls`` 1-based), backward, AdamW step; also ours with ``memory_efficient`` BN+act
-in the encoder, and the autograd-saved bytes of every train row. Predict (batch 1 and 4):
+in the encoder, and the autograd-saved bytes and tracked peak memory (``MemTracker``) of every train
+row. Predict (batch 1 and 4):
 ``DetBenchPredict`` (decode + batched NMS, 100 detections per image) in ``inference_mode``; also
 "ours fast" with the encoder's BN folded (:func:`effbackbone.fuse.fuse_bn`). Random weights, 90
 classes, fp32; an A/A copy of ours in every group.
@@ -68,7 +69,7 @@ def train_group(args: argparse.Namespace) -> dict[str, Any] | None:
     """Interleaved train steps (batch 2) and saved bytes."""
     batch = 2
     x, target = torch.randn(batch, 3, args.size, args.size), _targets(batch, args.size)
-    cases, saved = [], {}
+    cases, saved, steps = [], {}, {}
     for label, make in builders("train", args.size).items():
         bench = make().train()
         opt = torch.optim.AdamW(bench.parameters(), lr=1e-4)
@@ -79,6 +80,7 @@ def train_group(args: argparse.Namespace) -> dict[str, Any] | None:
             bench(x, target)["loss"].backward()
             opt.step()
 
+        steps[label] = (step, bench, opt)
         cases.append(common.Case(label, step, items=batch))
     if not cases:
         return None
@@ -86,9 +88,12 @@ def train_group(args: argparse.Namespace) -> dict[str, Any] | None:
     rows = common.summarize(cases, cases[-1].name)
     for r in rows:
         r["saved_mib"] = saved[r["name"]] / 2**20
+        peak = common.tracked_peak(*steps[r["name"]])  # the timed steps allocated the AdamW state
+        r["peak_mib"] = peak["total"] / 2**20 if peak is not None else float("nan")
     title = f"EfficientDet-D0 train step {args.size}x{args.size} batch {batch}, fp32, AdamW"
     common.print_table(title, rows)
     print("saved for backward (MiB): " + ", ".join(f"{r['name']} {r['saved_mib']:.0f}" for r in rows))
+    print("peak of the step (MiB):   " + ", ".join(f"{r['name']} {r['peak_mib']:.0f}" for r in rows))
     return {"title": title, "rows": rows}
 
 

@@ -8,18 +8,20 @@ also with ``memory_efficient`` BN+activation and with gradient checkpointing, an
 copy) and ``efficientnet-b0`` (smp's port of efficientnet-pytorch, whose C1 is the 32-channel
 stem, so its decoder is slightly wider at stride 2).
 
-Memory, two ways:
+Memory:
 
 * ``saved MiB``: the bytes autograd keeps for backward during forward + loss (each storage once,
   parameters excluded): exact and device-independent; not visible inside checkpointed regions,
   so it is left out for the checkpointing row.
-* ``peak RSS MiB``: the growth of the peak RSS over one training step in a fresh process per
-  model, after the AdamW state was allocated (zero gradients, lr 0): activations and temporaries,
-  from the real allocations (with the malloc settings freed memory stays in the heap, so this is
-  the peak of live allocations plus fragmentation, which varies by ~5% between runs: the minimum
-  over ``--rss-repeats`` children, 3 in the full run). Skip with ``--no-rss``.
+* ``peak MiB``: the peak of live tensor bytes during one whole training step (torch's
+  ``MemTracker``, :func:`common.tracked_peak`): parameters, gradients, AdamW state, activations,
+  temporaries and checkpoint recomputation. Exact and deterministic.
+* ``peak RSS MiB`` (``--rss``): the growth of the process's peak RSS over one training step in a
+  fresh process per model, after the AdamW state was allocated: real allocations including
+  allocator fragmentation, which varies by ~5% between runs (minimum over ``--rss-repeats``
+  children, 3 in the full run).
 
-Run: ``python3 benchmarks/bench_unet_train.py [--quick] [--no-rss]``
+Run: ``python3 benchmarks/bench_unet_train.py [--quick] [--rss]``
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     """Time the steps interleaved, then the memory, and print one table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common.add_common_args(parser)
-    parser.add_argument("--no-rss", action="store_true", help="skip the subprocess peak-RSS measurement")
+    parser.add_argument("--rss", action="store_true", help="also measure peak RSS in fresh processes (slow)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--size", type=int, default=SIZE, help="override 256 (development checks)")
     args = parser.parse_args(argv)
@@ -127,20 +129,25 @@ def main(argv: list[str] | None = None) -> None:
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     x = torch.randn(BATCH, 3, args.size, args.size).contiguous(memory_format=fmt)
     y = torch.randint(0, CLASSES, (BATCH, args.size, args.size))
-    cases, saved = [], {}
+    cases, saved, steps = [], {}, {}
     for label, key in rows_available.items():
         model = build_unet(key).to(memory_format=fmt)
         model.train()
         if key != "ours_ckpt":
             saved[label] = common.saved_tensor_bytes(lambda m=model: F.cross_entropy(m(x), y), model.parameters())[0]
         n_params = sum(p.numel() for p in model.parameters())
-        cases.append(common.Case(label, make_step(model, x, y)[0], items=BATCH, meta={"key": key, "params": n_params}))
+        step, opt = make_step(model, x, y)
+        steps[label] = (step, model, opt)
+        cases.append(common.Case(label, step, items=BATCH, meta={"key": key, "params": n_params}))
     common.run_interleaved(cases, args.rounds, args.warmup, args.min_sample_s)
     reference = REFERENCE if REFERENCE in rows_available else cases[0].name
     rows = common.summarize(cases, reference)
     for r in rows:
         r["saved_mib"] = saved.get(r["name"], float("nan")) / 2**20
-    if not args.no_rss:
+        peak = common.tracked_peak(*steps[r["name"]])  # the timed steps allocated the AdamW state
+        if peak is not None:
+            r["peak_mib"] = peak["total"] / 2**20
+    if args.rss:
         for r in rows:
             code = _CHILD.format(
                 threads=args.threads, bench_dir=str(common.ROOT / "benchmarks"), key=r["key"],
@@ -149,10 +156,13 @@ def main(argv: list[str] | None = None) -> None:
             r["peak_rss_growth_mib"] = common.peak_rss_growth_mib(code, args.rss_repeats)
     title = f"U-Net B0 train step {args.size}x{args.size} batch {BATCH}, {CLASSES} classes, fp32, AdamW, {fmt}"
     common.print_table(title, rows, unit="img/s")
-    print(f"\n{'case':<28}{'params M':>9}{'saved MiB':>11}{'peak RSS MiB':>14}")
+    print(f"\n{'case':<28}{'params M':>9}{'saved MiB':>11}{'peak MiB':>10}{'peak RSS MiB':>14}")
+    nan = float("nan")
     for r in rows:
-        rss = r.get("peak_rss_growth_mib", float("nan"))
-        print(f"{r['name']:<28}{r['params'] / 1e6:>9.2f}{r['saved_mib']:>11.1f}{rss:>14.1f}")
+        print(
+            f"{r['name']:<28}{r['params'] / 1e6:>9.2f}{r['saved_mib']:>11.1f}{r.get('peak_mib', nan):>10.1f}"
+            f"{r.get('peak_rss_growth_mib', nan):>14.1f}"
+        )
     payload: dict[str, Any] = {"title": title, "rows": rows}
     common.write_json("unet_train", args, payload)
 

@@ -10,4 +10,4 @@ for bench in bench_encoder bench_scaling bench_unet_train bench_effdet bench_dat
   python3 "benchmarks/$bench.py" "$@"
 done
 echo "=== bench_memory $*"
-python3 benchmarks/bench_memory.py --measure "$@"
+python3 benchmarks/bench_memory.py "$@"
