@@ -10,7 +10,9 @@ Train step (batch 2): ``DetBenchTrain`` forward with 3 random boxes per image (e
 in the encoder, and the autograd-saved bytes and tracked peak memory (``MemTracker``) of every train
 row. Predict (batch 1 and 4):
 ``DetBenchPredict`` (decode + batched NMS, 100 detections per image) in ``inference_mode``; also
-"ours fast" with the encoder's BN folded (:func:`effbackbone.fuse.fuse_bn`). Random weights, 90
+ours with the exact faster top-k only, with BN folded only, and "ours fast"
+(:func:`effbackbone.integrations.effdet_inference.optimize_efficientdet_for_inference`: BN folded in the
+encoder and BiFPN, channels_last, faster top-k); effdet also in channels_last. Random weights, 90
 classes, fp32; an A/A copy of ours in every group.
 
 Run: ``python3 benchmarks/bench_effdet.py [--quick]``
@@ -49,13 +51,36 @@ def builders(task: str, size: int = SIZE) -> dict[str, Callable[[], nn.Module]]:
         if task == "train":
             out["ours memory_efficient"] = lambda: set_memory_efficient(ours())
         else:
-            out["ours fast (fused BN)"] = lambda: fuse_bn(ours())
+            from effbackbone.integrations.effdet_inference import (
+                FastDetBenchPredict,
+                optimize_efficientdet_for_inference,
+            )
+
+            out["ours, fast top-k"] = lambda: FastDetBenchPredict(ours().model)
+            out["ours fused BN"] = lambda: fuse_bn(ours())
+            out["ours fast (folded BN, NHWC, top-k)"] = lambda: optimize_efficientdet_for_inference(ours())
     # bench_labeler: effdet's train bench then assigns anchors itself, as ours does.
-    out["effdet tf_efficientdet_d0"] = lambda: effdet.create_model(
-        "tf_efficientdet_d0", bench_task=task, pretrained=False, pretrained_backbone=False,
-        image_size=(size, size), bench_labeler=True,
-    )
+    def reference() -> nn.Module:
+        return effdet.create_model(
+            "tf_efficientdet_d0", bench_task=task, pretrained=False, pretrained_backbone=False,
+            image_size=(size, size), bench_labeler=True,
+        )
+
+    if task != "train":  # effdet's best eager setting on CPU: channels_last weights and inputs
+        out["effdet tf_efficientdet_d0, channels_last"] = lambda: _ChannelsLast(reference())
+    out["effdet tf_efficientdet_d0"] = reference
     return out
+
+
+class _ChannelsLast(nn.Module):
+    """A bench with channels_last weights that converts its inputs too."""
+
+    def __init__(self, bench: nn.Module) -> None:
+        super().__init__()
+        self.bench = bench.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bench(x.contiguous(memory_format=torch.channels_last))
 
 
 def _targets(batch: int, size: int) -> dict[str, torch.Tensor]:

@@ -32,6 +32,18 @@ _PAIRS: tuple[tuple[type[nn.Module], tuple[tuple[str, str], ...]], ...] = (
 )
 
 
+def register_conv_bn_pairs(cls: type[nn.Module], pairs: tuple[tuple[str, str], ...]) -> None:
+    """Teach :func:`fuse_bn` another module type's (conv, bn) attribute pairs (idempotent).
+
+    Integrations call this for their framework's blocks (effdet's BiFPN convolutions), so the core
+    needs no import of them. Each ``bn`` must directly follow its ``conv`` in the module's forward
+    and accept being replaced by ``nn.Identity``.
+    """
+    global _PAIRS
+    if not any(c is cls for c, _ in _PAIRS):
+        _PAIRS = (*_PAIRS, (cls, pairs))
+
+
 @torch.no_grad()
 def fold_bn_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold an eval-mode ``bn`` into ``conv`` in place (``conv`` gains a bias)."""
@@ -113,4 +125,4 @@ def optimize_for_inference(model: M, *, channels_last: bool = False, inplace: bo
     return fused
 
 
-__all__ = ["fold_bn_into_conv", "fuse_bn", "optimize_for_inference"]
+__all__ = ["fold_bn_into_conv", "fuse_bn", "optimize_for_inference", "register_conv_bn_pairs"]

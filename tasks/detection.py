@@ -1,7 +1,8 @@
 """``DetectionTask``: EfficientDet D0-D7 on the effbackbone encoder, with COCO mAP every epoch.
 
 The network, anchors, focal/box losses and NMS are effdet's (``DetBenchTrain`` in training and
-evaluation, ``DetBenchPredict`` for ``forward``/predict); this module adds the Lightning loop, the
+evaluation; for ``forward``/predict, ``DetBenchPredict`` with an exact, faster top-k:
+:class:`~effbackbone.integrations.effdet_inference.FastDetBenchPredict`); this module adds the Lightning loop, the
 box-format boundaries (``tasks.boxes``), an optional EMA of the weights (used for evaluation and
 prediction when enabled) and COCO evaluation in original-image coordinates and category ids.
 """
@@ -14,13 +15,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from effdet import DetBenchPredict, DetBenchTrain
+from effdet import DetBenchTrain
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel
 
 from effbackbone.integrations.effdet import create_efficientdet
+from effbackbone.integrations.effdet_inference import FastDetBenchPredict
 from tasks.boxes import split_detections, to_effdet_targets
 from tasks.eval.coco import coco_map, to_coco_results
 from tasks.guards import NonFinitePolicy, check_loss, snapshot_buffers
@@ -155,7 +157,7 @@ class DetectionTask(L.LightningModule):
         self.class_names: tuple[str, ...] = tuple(str(i) for i in self.category_ids)
         self._results: list[dict[str, Any]] = []
         self._image_ids: list[int] = []
-        self._predictor: dict[int, DetBenchPredict] = {}  # plain dict: not a registered submodule
+        self._predictor: dict[int, FastDetBenchPredict] = {}  # plain dict: not a registered submodule
 
     # -- model -------------------------------------------------------------------------------------
     def eval_bench(self) -> DetBenchTrain:
@@ -174,7 +176,7 @@ class DetectionTask(L.LightningModule):
         model = self.eval_bench().model
         predictor = self._predictor.get(id(model))
         if predictor is None:
-            predictor = self._predictor[id(model)] = DetBenchPredict(model)
+            predictor = self._predictor[id(model)] = FastDetBenchPredict(model)
         predictor.anchors.to(images.device)
         info = None if img_scale is None or img_size is None else {"img_scale": img_scale, "img_size": img_size}
         return split_detections(predictor(images, info))
