@@ -47,7 +47,7 @@ def available() -> dict[str, str]:
     if common.importable("effbackbone.integrations.smp"):
         rows |= {
             "ours": "ours", "ours (A/A copy)": "ours", "ours memory_efficient": "ours_me",
-            "ours grad checkpointing": "ours_ckpt",
+            "ours grad checkpointing": "ours_ckpt", "ours memory_efficient + checkpointing": "ours_me_ckpt",
         }
     else:
         print("[skip] ours: effbackbone.integrations.smp is not available yet")
@@ -68,9 +68,9 @@ def build_unet(key: str) -> nn.Module:
         from effbackbone.model import EfficientNet
 
         model = smp.Unet("effbackbone-b0", encoder_weights=None, classes=CLASSES)
-        if key == "ours_me":
+        if key in ("ours_me", "ours_me_ckpt"):
             set_memory_efficient(model)
-        if key == "ours_ckpt":
+        if key in ("ours_ckpt", "ours_me_ckpt"):
             for m in model.modules():
                 if isinstance(m, EfficientNet):
                     m.set_grad_checkpointing(True)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     for label, key in rows_available.items():
         model = build_unet(key).to(memory_format=fmt)
         model.train()
-        if key != "ours_ckpt":
+        if not key.endswith("ckpt"):
             saved[label] = common.saved_tensor_bytes(lambda m=model: F.cross_entropy(m(x), y), model.parameters())[0]
         n_params = sum(p.numel() for p in model.parameters())
         step, opt = make_step(model, x, y)
