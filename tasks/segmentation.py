@@ -75,6 +75,8 @@ class SegmentationTask(L.LightningModule):
         mean: Normalisation mean of the data (linked; kept in the checkpoint for prediction).
         std: Normalisation std of the data.
         nonfinite_loss: ``raise`` on a NaN/inf training loss, or ``skip`` the batch.
+        channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC): the same
+            results, and a U-Net-B0 training step ~1.35x faster on CPU (docs/performance.md).
         optimizer: Optimizer factory; norms and biases get no weight decay.
         lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``).
     """
@@ -101,6 +103,7 @@ class SegmentationTask(L.LightningModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         nonfinite_loss: NonFinitePolicy = "raise",
+        channels_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -126,6 +129,9 @@ class SegmentationTask(L.LightningModule):
             classes=1 if mode == "binary" else num_classes,
             **(decoder_options or {}),
         )
+        self.channels_last = channels_last
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
         base = build_metrics(mode, num_classes, self.class_names, ignore_index)
         self.train_metrics = base.clone(prefix="train/")
@@ -140,6 +146,8 @@ class SegmentationTask(L.LightningModule):
         pad_h, pad_w = -h % 32, -w % 32
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h))  # zeros = the mean after normalisation
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
         return self.model(image)[..., :h, :w]
 
     def probabilities(self, logits: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ pytest.importorskip("segmentation_models_pytorch")
 
 import lightning as L  # noqa: E402
 
+from effbackbone.activations import BatchNormAct2d  # noqa: E402
 from tasks.predict_seg import sliding_window  # noqa: E402
 from tasks.seg_losses import CompositeLoss, parse_loss  # noqa: E402
 from tasks.segmentation import SegmentationTask  # noqa: E402
@@ -25,6 +26,25 @@ def test_forward_any_size_crops_back(decoder):
     task = _task(decoder=decoder, num_classes=3, decoder_options=SMALL if decoder == "unet" else None).eval()
     with torch.no_grad():
         assert task(torch.randn(1, 3, 45, 70)).shape == (1, 3, 45, 70)
+
+
+def test_channels_last_and_memory_options_give_the_same_training_step():
+    # channels_last changes the layout only, memory_efficient/grad_checkpointing what is kept for backward:
+    # the loss and every gradient match the plain task.
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 3, (2, 64, 64))
+    grads = []
+    lean = {"encoder_options": {"memory_efficient": True, "grad_checkpointing": True}}
+    for kw in ({}, {"channels_last": True}, lean):
+        torch.manual_seed(0)
+        task = _task(num_classes=3, **kw).train()
+        memory_efficient = any(isinstance(m, BatchNormAct2d) for m in task.modules())
+        assert memory_efficient == ("encoder_options" in kw)
+        logits = task(x)
+        assert logits.is_contiguous(memory_format=torch.channels_last) == bool(kw.get("channels_last"))
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in task.parameters()]))
+    for g in grads[1:]:
+        torch.testing.assert_close(g, grads[0], rtol=1e-4, atol=1e-5)
 
 
 def test_grayscale_input_and_phi_encoder():
