@@ -105,6 +105,8 @@ class DetectionTask(L.LightningModule):
         nonfinite_loss: ``raise`` stops on a NaN/inf loss, ``skip`` drops the batch.
         detector_options: Other effdet config fields (``max_det_per_image``, ``soft_nms``,
             ``fpn_cell_repeats``, ...).
+        channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC): the
+            same results, and a faster step on CPU (oneDNN) and on GPU with mixed precision.
     """
 
     def __init__(
@@ -121,6 +123,7 @@ class DetectionTask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         nonfinite_loss: NonFinitePolicy = "raise",
         detector_options: dict[str, Any] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
@@ -143,6 +146,9 @@ class DetectionTask(L.LightningModule):
             for module in detector.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.momentum = bn_momentum
+        self.channels_last = channels_last
+        if channels_last:  # before the EMA copy, which inherits the layout
+            detector = detector.to(memory_format=torch.channels_last)
         self.detector = DetBenchTrain(detector, create_labeler=True)
         # Checked before the stem convolution, whose own error does not say which option to change.
         self.in_channels = next(m.in_channels for m in detector.modules() if isinstance(m, nn.Conv2d))
@@ -173,6 +179,7 @@ class DetectionTask(L.LightningModule):
         model-input pixels.
         """
         check_channels(images, self.in_channels, type(self).__name__)
+        images = self._layout(images)
         model = self.eval_bench().model
         predictor = self._predictor.get(id(model))
         if predictor is None:
@@ -203,6 +210,15 @@ class DetectionTask(L.LightningModule):
             raise ValueError(f"the data has {len(cmap)} categories {list(cmap.category_ids)} but model.num_classes="
                              f"{self.num_classes}; set model.init_args.num_classes={len(cmap)}")
         self.category_ids, self.class_names = tuple(cmap.category_ids), tuple(cmap.names)
+
+    def _layout(self, images: Tensor) -> Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401 - any batch
+        """Give every step's images the model's memory layout (a no-op unless ``channels_last``)."""
+        if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
+            batch["image"] = self._layout(batch["image"])
+        return batch
 
     # -- training ----------------------------------------------------------------------------------
     def _target(self, batch: dict[str, Any]) -> dict[str, Tensor]:
