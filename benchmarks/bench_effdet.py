@@ -50,6 +50,7 @@ def builders(task: str, size: int = SIZE) -> dict[str, Callable[[], nn.Module]]:
         out["ours (A/A copy)"] = ours
         if task == "train":
             out["ours memory_efficient"] = lambda: set_memory_efficient(ours())
+            out["ours channels_last"] = lambda: _ChannelsLast(ours())
         else:
             from effbackbone.integrations.effdet_inference import (
                 FastDetBenchPredict,
@@ -66,8 +67,8 @@ def builders(task: str, size: int = SIZE) -> dict[str, Callable[[], nn.Module]]:
             image_size=(size, size), bench_labeler=True,
         )
 
-    if task != "train":  # effdet's best eager setting on CPU: channels_last weights and inputs
-        out["effdet tf_efficientdet_d0, channels_last"] = lambda: _ChannelsLast(reference())
+    # effdet's best eager setting on CPU: channels_last weights and inputs
+    out["effdet tf_efficientdet_d0, channels_last"] = lambda: _ChannelsLast(reference())
     out["effdet tf_efficientdet_d0"] = reference
     return out
 
@@ -79,8 +80,8 @@ class _ChannelsLast(nn.Module):
         super().__init__()
         self.bench = bench.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bench(x.contiguous(memory_format=torch.channels_last))
+    def forward(self, x: torch.Tensor, *args: Any) -> Any:  # noqa: ANN401 - the bench's own outputs
+        return self.bench(x.contiguous(memory_format=torch.channels_last), *args)
 
 
 def _targets(batch: int, size: int) -> dict[str, torch.Tensor]:
