@@ -234,8 +234,17 @@ def test_model_forward_and_backward_fx(tf_compat):
 # -- pretrained weights from local files (timm's test_model_load_pretrained / _features_pretrained) --
 
 
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """``pretrained=True`` below reads a local file of random weights; any network access fails the test."""
+    from smp_support import block_network
+
+    return block_network(monkeypatch, tmp_path)
+
+
 @pytest.fixture(scope="module")
 def timm_b0_file(tmp_path_factory):
+    """timm's own B0 with random weights (``pretrained=False``: nothing downloaded), saved as safetensors."""
     torch.manual_seed(0)
     src = timm.create_model("efficientnet_b0", pretrained=False).eval()
     path = tmp_path_factory.mktemp("w") / "efficientnet_b0.safetensors"
@@ -244,6 +253,7 @@ def timm_b0_file(tmp_path_factory):
     return src, str(path)
 
 
+@pytest.mark.usefixtures("offline")
 def test_pretrained_file_gives_timm_logits(timm_b0_file):
     src, path = timm_b0_file
     model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}).eval()
@@ -255,6 +265,7 @@ def test_pretrained_file_gives_timm_logits(timm_b0_file):
         assert torch.equal(model(x), src(x))
 
 
+@pytest.mark.usefixtures("offline")
 def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
     src, path = timm_b0_file
     for num_classes in (5, 0):
@@ -269,6 +280,7 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, num_classes or model.num_features)
 
 
+@pytest.mark.usefixtures("offline")
 def test_model_features_pretrained(timm_b0_file):
     src, path = timm_b0_file
     model = timm.create_model(
