@@ -61,10 +61,11 @@ def post_process(
     offsets = [0]
     for c in cls_levels:
         offsets.append(offsets[-1] + c.shape[1])
+    level_starts = torch.tensor(offsets[1:-1], device=anchor_max.device)
     scores, anchors, classes = [], [], []
     for b in range(batch):
         keep = (anchor_max[b] >= threshold[b]).nonzero().squeeze(1)  # sorted anchor ids, >= min(k, N) of them
-        bounds = torch.searchsorted(keep, torch.tensor(offsets[1:-1], device=keep.device)).tolist()
+        bounds = torch.searchsorted(keep, level_starts).tolist()
         parts = torch.tensor_split(keep, bounds)
         rows = torch.cat([c[b, ids - off] for c, ids, off in zip(cls_levels, parts, offsets, strict=False)], 0)
         values, flat = rows.reshape(-1).topk(k)
