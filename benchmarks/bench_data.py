@@ -55,7 +55,7 @@ def seg_cases(tmp: Path, synthetic: bool) -> list[common.Case]:
     if root.is_dir() and not synthetic:
         dm, source = MaskDataModule(str(root), image_size=256, batch_size=batch, in_channels=1), "ISBI 2012"
     else:
-        from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+        from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
         spec = SyntheticMaskSpec(num_train=32, num_val=4, size=512)
         root = generate_masks(tmp / "seg", spec)
@@ -81,7 +81,7 @@ def det_cases(tmp: Path, synthetic: bool) -> list[common.Case]:
     if (root / "annotations").is_dir() and not synthetic:
         dm, source = CocoDataModule(str(root), image_size=512, batch_size=batch), "raccoon"
     else:
-        from tasks.data.synthetic_coco import SyntheticCocoSpec
+        from tasks.detection.synthetic import SyntheticCocoSpec
 
         spec = SyntheticCocoSpec(num_train=32, num_val=4)
         dm, source = CocoDataModule(str(tmp / "det"), image_size=512, batch_size=batch, synthetic=spec), "synthetic"
@@ -112,12 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--synthetic", action="store_true", help="generated data even when ../shared/data exists")
     args = parser.parse_args(argv)
     common.setup(args)
-    if not common.importable("tasks.data.masks") and not common.importable("tasks.data.coco"):
+    if not common.importable("tasks.segmentation.data") and not common.importable("tasks.detection.data"):
         print("[skip] nothing to run: tasks.data is not importable")
         return
     groups: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, make, module in (("seg", seg_cases, "tasks.data.masks"), ("det", det_cases, "tasks.data.coco")):
+        cases = (("seg", seg_cases, "tasks.segmentation.data"), ("det", det_cases, "tasks.detection.data"))
+        for name, make, module in cases:
             if not common.importable(module):
                 continue
             cases = make(Path(tmp), args.synthetic)

@@ -1,93 +1,68 @@
-"""The Lightning command line for every task: fit, validate, test, predict, quickstart, export.
+"""The ``effbackbone`` command: ``info`` (model table), ``quickstart``, ``export`` and the Lightning tasks.
 
-``model.class_path`` and ``data.class_path`` in the YAML choose the task (``tasks.SegmentationTask``
-+ ``tasks.data.MaskDataModule``, or the detection pair). Properties of the data that the model must
-agree with (``num_classes``, ``in_channels``, ...) are set on the data only and linked into the model
-when both classes have them; links whose source or target a class lacks are skipped.
+``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (:mod:`tasks.lightning_cli`), imported
+only then: it needs the ``tasks`` extra (``pip install 'effbackbone[tasks]'``); ``info`` needs torch only.
+The entry point lives with the tasks, so the library (``effbackbone``) imports nothing of the trainer.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-from jsonargparse import Namespace
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+if TYPE_CHECKING:
+    from tasks.lightning_cli import EffBackboneCLI
 
-from tasks.checkpoint_io import AtomicCheckpointIO, RngState, safe_torch_load
-
-# data attribute -> model init argument, linked after the data module is built.
-LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std")
-EXTRA_COMMANDS = {
-    "quickstart": "tasks.quickstart",
-    "export": "tasks.export",
-}
-
-
-class EffBackboneCLI(LightningCLI):
-    """``LightningCLI`` in subclass mode for model and data, with the data -> model links."""
-
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        """Link each ``LINKED`` data attribute to the model argument of the same name."""
-        for name in LINKED:
-            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
-
-    def instantiate_trainer(self, **kwargs: object) -> Trainer:
-        """The trainer, with :class:`~tasks.checkpoint_io.AtomicCheckpointIO` unless the config set one.
-
-        Every checkpoint is then written atomically and read with ``weights_only=True``, also when the
-        YAML names no plugin.
-        """
-        trainer = super().instantiate_trainer(**kwargs)
-        if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if not any(isinstance(c, RngState) for c in trainer.callbacks):  # RNG states in checkpoints, for resume
-            trainer.callbacks.append(RngState())
-        return trainer
-
-    def _parse_ckpt_path(self) -> None:
-        """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
-
-        Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
-        """
-        sub = self.config.get("subcommand")
-        ckpt = self.config[sub].get("ckpt_path") if sub else None
-        if ckpt and Path(ckpt).is_file():
-            safe_torch_load(ckpt)
-        super()._parse_ckpt_path()
-
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse ``args`` into ``self.config``.
-
-        Lightning warns when ``args`` is given while ``sys.argv`` has arguments too; ``main`` always
-        passes the arguments explicitly (it reads ``sys.argv`` itself), so that warning is skipped.
-        """
-        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+# Commands with their own argparse front end: command -> module with a ``main(argv)``.
+EXTRA_COMMANDS = {"quickstart": "tasks.quickstart", "export": "tasks.export"}
+TASK_COMMANDS = (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS)
+USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export} ...
+  info        parameters and multiply-adds of every variant vs the paper
+  quickstart  generate a small dataset, train U-Net-B0 on it (a few CPU minutes), predict, report
+  fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
+  validate    evaluate:  effbackbone validate --config <yaml> --ckpt_path <ckpt>
+  test        evaluate on the test split
+  predict     a folder of images -> masks and overlays: --data.predict_dir <dir> --ckpt_path <ckpt>
+  export      a checkpoint to ONNX: effbackbone export --ckpt <ckpt> --output model.onnx
+Run 'effbackbone <command> --help' for a command's options."""
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:
-    """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
-    return EffBackboneCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    """Build (and by default run) the LightningCLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
+    from tasks.lightning_cli import run_cli as _run_cli
+
+    return _run_cli(args, run=run)
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point: ``quickstart`` and ``export`` go to their modules, the rest to LightningCLI."""
-    argv = list(sys.argv[1:] if args is None else args)
-    if argv and argv[0] in EXTRA_COMMANDS:
-        import importlib
-
-        return int(importlib.import_module(EXTRA_COMMANDS[argv[0]]).main(argv[1:]))
-    run_cli(argv)
+def _task_command(args: list[str]) -> int:
+    if args[0] in EXTRA_COMMANDS:
+        return int(importlib.import_module(EXTRA_COMMANDS[args[0]]).main(args[1:]))
+    run_cli(args)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``effbackbone`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "info":
+        from effbackbone.info import main as info_main
+
+        return info_main(args[1:])
+    if args and args[0] in TASK_COMMANDS:
+        try:
+            import lightning  # noqa: F401 - only to say which extra is missing
+        except ImportError as e:
+            hint = "pip install 'effbackbone[tasks]'"
+            print(f"effbackbone {args[0]} needs the tasks extra: {hint} ({e})", file=sys.stderr)
+            return 2
+        return _task_command(args)
+    if args and args[0] in ("-h", "--help") or not args:
+        print(USAGE)
+        return 0
+    print(f"effbackbone: unknown command {args[0]!r}; try 'effbackbone --help'", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """``effbackbone quickstart``: generate a small dataset, train U-Net-B0 on it, and show the results.
 
-1. Writes the synthetic shapes dataset (:mod:`tasks.data.synthetic`) to ``data/quickstart`` unless
+1. Writes the synthetic shapes dataset (:mod:`tasks.segmentation.synthetic`) to ``data/quickstart`` unless
    it is already there: 160 train and 32 val images of 96x96, plus 4 larger 192x256 images that
    are predicted in overlapping tiles.
 2. Runs ``fit`` with ``configs/segmentation/quickstart_unet_b0.yaml`` (any further
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.data.synthetic import SyntheticMaskSpec, ensure_masks, write_split
+from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks, write_split
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "segmentation" / "quickstart_unet_b0.yaml"
 SPEC = SyntheticMaskSpec(num_train=160, num_val=32, size=96, seed=0)
@@ -51,7 +51,7 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     """Run the quickstart; returns the process exit code."""
     from tasks.cli import run_cli
-    from tasks.predict_seg import predict_folder
+    from tasks.segmentation.predict import predict_folder
 
     args, extra = _parse(argv)
     root, output = Path(args.root), Path(args.output)

@@ -1,20 +1,20 @@
-"""Data modules and datasets for the tasks (imported lazily: each pulls in its own dependencies)."""
+"""The data modules under their first path (``tasks.data.MaskDataModule`` in users' YAML files).
+
+They live in :mod:`tasks.segmentation.data` and :mod:`tasks.detection.data` now; importing is lazy
+(each pulls in its own dependencies).
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from tasks._lazy import lazy_getattr
 
 _LAZY = {
-    "MaskDataModule": "tasks.data.masks",
-    "MaskDataset": "tasks.data.masks",
-    "CocoDataModule": "tasks.data.coco",
+    "MaskDataModule": "tasks.segmentation.data",
+    "MaskDataset": "tasks.segmentation.data",
+    "CocoDataModule": "tasks.detection.data",
 }
 
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str) -> Any:  # noqa: ANN401 - a class
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'tasks.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -6,8 +6,8 @@ import pytest
 
 from effbackbone import VARIANTS
 from effbackbone.arch import PAPER_COST
-from effbackbone.cli import main as cli_main
 from effbackbone.info import main
+from tasks.cli import main as cli_main
 
 
 def test_table_lists_every_variant(capsys):

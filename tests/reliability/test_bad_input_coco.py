@@ -13,9 +13,9 @@ from PIL import Image
 pytest.importorskip("pycocotools")
 pytest.importorskip("albumentations")
 
-from tasks.data.coco import CocoDetection, ImageFolderDataset  # noqa: E402
-from tasks.data.det_transforms import build_det_transforms  # noqa: E402
-from tasks.eval.coco import coco_map  # noqa: E402
+from tasks.detection.coco_eval import coco_map  # noqa: E402
+from tasks.detection.data import CocoDetection, ImageFolderDataset  # noqa: E402
+from tasks.detection.transforms import build_det_transforms  # noqa: E402
 
 CATS = [{"id": 3, "name": "a"}, {"id": 17, "name": "b"}]
 
@@ -57,7 +57,7 @@ def test_unknown_category_id(tmp_path):
 
 
 def test_category_missing_from_the_training_json(tmp_path):
-    from tasks.data.coco import CategoryMap
+    from tasks.detection.data import CategoryMap
 
     path = _coco(tmp_path, [_im(1)], [_ann(1, cat=17)])
     train_map = CategoryMap.from_categories([CATS[0]])  # the training json only has category 3

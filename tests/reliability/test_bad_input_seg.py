@@ -14,8 +14,9 @@ from PIL import Image
 pytest.importorskip("lightning")
 pytest.importorskip("albumentations")
 
-from tasks.data.mask_io import find_images, find_pairs, read_image, read_mask  # noqa: E402
-from tasks.data.masks import MaskDataModule  # noqa: E402
+from tasks.common.images import find_images, read_image  # noqa: E402
+from tasks.segmentation.data import MaskDataModule  # noqa: E402
+from tasks.segmentation.io import find_pairs, read_mask  # noqa: E402
 
 
 def _png(path: Path, array: np.ndarray) -> Path:

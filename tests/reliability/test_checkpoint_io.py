@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from tasks.checkpoint_io import AtomicCheckpointIO, UnsafeCheckpointError, atomic_torch_save, safe_torch_load
+from tasks.common.checkpoint_io import AtomicCheckpointIO, UnsafeCheckpointError, atomic_torch_save, safe_torch_load
 
 
 class _Payload:
@@ -52,7 +52,7 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path):
         f"""
         import sys, torch
         sys.path.insert(0, {os.getcwd()!r})
-        from tasks.checkpoint_io import atomic_torch_save
+        from tasks.common.checkpoint_io import atomic_torch_save
         print("ready", flush=True)
         while True:
             atomic_torch_save({{"version": 2, "w": torch.randn(20_000_000)}}, {str(path)!r})

@@ -25,7 +25,7 @@ def _error(capsys, args: list[str]) -> str:
 
 @pytest.fixture
 def seg_args(tmp_path):
-    from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+    from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
     root = generate_masks(tmp_path / "d", SyntheticMaskSpec(num_train=2, num_val=1, size=32))
     return ["--config", str(CONF / "seg_unet_b0.yaml"), f"--data.root={root}"]  # run=False: no subcommand

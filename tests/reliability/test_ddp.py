@@ -3,7 +3,7 @@
 
 The validation sets are odd-sized or uneven on purpose: Lightning's ``DistributedSampler`` pads the
 ranks with repeated images. Segmentation gives each image to one rank only
-(``tasks.data.sampling.unrepeated_eval_sampler``); detection drops the repeats when it gathers the
+(``tasks.common.sampling.unrepeated_eval_sampler``); detection drops the repeats when it gathers the
 results. One detection rank sees an image without any box. Each run has a timeout, so a hang fails
 the test instead of blocking CI; evaluation batches hold one image, so the per-image numbers are
 computed identically in both settings and the comparison is exact.
@@ -77,7 +77,7 @@ def _single_validate(config: Path, tmp: Path, *extra: str) -> dict[str, float]:
 
 def test_segmentation_ddp_miou_equals_single_process(tmp_path):
     pytest.importorskip("segmentation_models_pytorch")
-    from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+    from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
     root = generate_masks(tmp_path / "data", SyntheticMaskSpec(num_train=4, num_val=5, size=32))  # 5: odd
     config = HERE / "conf" / "seg_tiny.yaml"
@@ -91,7 +91,7 @@ def test_segmentation_ddp_miou_equals_single_process(tmp_path):
 
 def test_detection_ddp_map_equals_single_process_with_a_rank_without_boxes(tmp_path):
     pytest.importorskip("effdet")
-    from tasks.data.synthetic_coco import SyntheticCocoSpec, ensure_synthetic_coco
+    from tasks.detection.synthetic import SyntheticCocoSpec, ensure_synthetic_coco
 
     root = tmp_path / "data"
     spec = SyntheticCocoSpec(num_train=4, num_val=2, num_classes=2, category_ids=(3, 17), min_size=64, max_size=128,

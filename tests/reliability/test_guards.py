@@ -3,7 +3,7 @@ import torch
 
 pytest.importorskip("lightning")
 
-from tasks.guards import NonFiniteLossError, check_loss
+from tasks.common.guards import NonFiniteLossError, check_loss
 
 
 def test_finite_loss_passes():

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("segmentation_models_pytorch")
 
 from tasks.cli import run_cli  # noqa: E402
-from tasks.guards import NonFiniteLossError  # noqa: E402
+from tasks.common.guards import NonFiniteLossError  # noqa: E402
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -30,7 +30,7 @@ class PoisonBatch(L.Callback):
 
 @pytest.fixture(scope="module")
 def seg_root(tmp_path_factory) -> Path:
-    from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+    from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
     return generate_masks(tmp_path_factory.mktemp("seg"), SyntheticMaskSpec(num_train=6, num_val=2, size=32))
 

@@ -1,9 +1,9 @@
 """SIGKILL a real ``fit`` mid-epoch, resume it from ``last.ckpt``: it ends exactly where an uninterrupted run does.
 
 Exact equality holds because nothing random is left to chance: the training order and every sample's
-augmentation come from ``(seed, epoch)`` (``tasks.data.sampling``), the position inside the epoch is
+augmentation come from ``(seed, epoch)`` (``tasks.common.sampling``), the position inside the epoch is
 saved in the checkpoint (``ResumableDataLoader``), the RNG states are saved and restored
-(``tasks.checkpoint_io.RngState``), and all runs use one CPU thread.
+(``tasks.common.checkpoint_io.RngState``), and all runs use one CPU thread.
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ trainer:
     - class_path: reliability_callbacks.HangAtStep
     - class_path: reliability_callbacks.DumpMetrics
       init_args: {{path: {tmp / name / 'metrics.json'}}}
-    - class_path: tasks.checkpoint_io.RngState
+    - class_path: tasks.common.checkpoint_io.RngState
   plugins:
-    - class_path: tasks.checkpoint_io.AtomicCheckpointIO
+    - class_path: tasks.common.checkpoint_io.AtomicCheckpointIO
 """)
     return path
 
@@ -65,7 +65,7 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float = 150) -> None:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
-    from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+    from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
     return generate_masks(tmp_path_factory.mktemp("seg"), SyntheticMaskSpec(num_train=8, num_val=2, size=40))
 

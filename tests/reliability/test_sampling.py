@@ -15,8 +15,8 @@ from lightning.fabric.utilities.distributed import DistributedSamplerWrapper  # 
 from lightning.fabric.utilities.types import _Stateful  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
-from tasks.checkpoint_io import AtomicCheckpointIO, RngState  # noqa: E402
-from tasks.data.sampling import EpochSampler, ResumableDataLoader, SeededDataset  # noqa: E402
+from tasks.common.checkpoint_io import AtomicCheckpointIO, RngState  # noqa: E402
+from tasks.common.sampling import EpochSampler, ResumableDataLoader, SeededDataset  # noqa: E402
 
 
 class Augmented(Dataset):

@@ -12,8 +12,8 @@ import torch
 pytest.importorskip("lightning")
 pytest.importorskip("segmentation_models_pytorch")
 
-from tasks.checkpoint_io import UnsafeCheckpointError  # noqa: E402
 from tasks.cli import main  # noqa: E402
+from tasks.common.checkpoint_io import UnsafeCheckpointError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "tests" / "conf"
@@ -41,7 +41,7 @@ def evil(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def seg_root(tmp_path_factory) -> Path:
-    from tasks.data.synthetic import SyntheticMaskSpec, generate_masks
+    from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks
 
     return generate_masks(tmp_path_factory.mktemp("seg"), SyntheticMaskSpec(num_train=2, num_val=1, size=32))
 
@@ -85,7 +85,7 @@ def test_export_refuses_a_checkpoint_naming_a_foreign_class(tmp_path):
 
 def test_detection_predict_folder_refuses_a_crafted_checkpoint(evil, tmp_path):
     pytest.importorskip("effdet")
-    from tasks.predict_det import predict_folder
+    from tasks.detection.predict import predict_folder
 
     path, marker = evil
     with pytest.raises(Exception, match=r"(?i)weights.only|unsupported global|evil\.ckpt"):

@@ -13,9 +13,9 @@ pytest.importorskip("pycocotools")
 pytest.importorskip("albumentations")
 from PIL import Image  # noqa: E402
 
-from tasks.data.coco import CategoryMap, CocoDataModule, CocoDetection, collate_detection  # noqa: E402
-from tasks.data.det_transforms import build_det_transforms  # noqa: E402
-from tasks.data.synthetic_coco import SyntheticCocoSpec, generate_synthetic_coco  # noqa: E402
+from tasks.detection.data import CategoryMap, CocoDataModule, CocoDetection, collate_detection  # noqa: E402
+from tasks.detection.synthetic import SyntheticCocoSpec, generate_synthetic_coco  # noqa: E402
+from tasks.detection.transforms import build_det_transforms  # noqa: E402
 
 CATS = [{"id": 90, "name": "c"}, {"id": 3, "name": "a"}, {"id": 17, "name": "b"}]  # unsorted on purpose
 

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("pycocotools")
 from pycocotools.coco import COCO  # noqa: E402
 
-from tasks.boxes import split_detections, to_effdet_targets, xywh_to_xyxy, xyxy_to_xywh  # noqa: E402
-from tasks.eval.coco import COCO_METRICS, coco_map, to_coco_results  # noqa: E402
+from tasks.detection.boxes import split_detections, to_effdet_targets, xywh_to_xyxy, xyxy_to_xywh  # noqa: E402
+from tasks.detection.coco_eval import COCO_METRICS, coco_map, to_coco_results  # noqa: E402
 
 
 def make_gt() -> COCO:

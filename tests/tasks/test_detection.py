@@ -14,10 +14,10 @@ pytest.importorskip("pycocotools")
 pytest.importorskip("jsonargparse")
 
 from tasks.cli import main, run_cli  # noqa: E402
-from tasks.data.coco import CocoDataModule  # noqa: E402
-from tasks.data.synthetic_coco import SyntheticCocoSpec  # noqa: E402
 from tasks.detection import DetectionTask  # noqa: E402
-from tasks.predict_det import predict_folder  # noqa: E402
+from tasks.detection.data import CocoDataModule  # noqa: E402
+from tasks.detection.predict import predict_folder  # noqa: E402
+from tasks.detection.synthetic import SyntheticCocoSpec  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "det_d0.yaml")
 
@@ -60,7 +60,7 @@ def test_shipped_configs_parse(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_cli(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
-    assert "tasks.DetectionTask" in capsys.readouterr().out
+    assert "tasks.detection.DetectionTask" in capsys.readouterr().out
 
 
 def test_cli_fit_logs_coco_map_and_checkpoints_categories(trained):
@@ -165,7 +165,7 @@ def test_channels_last_gives_the_same_training_step():
     for channels_last in (False, True):
         torch.manual_seed(0)
         task = DetectionTask(num_classes=2, image_size=128, channels_last=channels_last).train()
-        step_batch = task.on_after_batch_transfer({**batch, "image": images.clone()}, 0)
+        step_batch = {**batch, "image": task.prepare_images(images.clone())}
         assert step_batch["image"].is_contiguous(memory_format=torch.channels_last) == channels_last
         out = task.detector(step_batch["image"], task._target(step_batch))
         out["loss"].backward()

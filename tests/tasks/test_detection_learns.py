@@ -11,9 +11,9 @@ pytest.importorskip("effdet")
 pytest.importorskip("pycocotools")
 import lightning as L  # noqa: E402
 
-from tasks.data.coco import CocoDataModule  # noqa: E402
-from tasks.data.synthetic_coco import SyntheticCocoSpec  # noqa: E402
 from tasks.detection import DetectionTask  # noqa: E402
+from tasks.detection.data import CocoDataModule  # noqa: E402
+from tasks.detection.synthetic import SyntheticCocoSpec  # noqa: E402
 
 # Two shapes, one large object per image, 96 training images at 128 px: 96 steps of batch 8 take
 # about 50 s on 2 idle cores. Measured with this seed (torch 2.14.1, effdet 0.4.1, albumentations

@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from tasks.optim import build_param_groups
+from tasks.common.optim import build_param_groups
 
 
 def _model() -> nn.Module:

@@ -11,9 +11,9 @@ pytest.importorskip("lightning")
 pytest.importorskip("jsonargparse")
 pytest.importorskip("segmentation_models_pytorch")
 
-from effbackbone.cli import main as effbackbone_main  # noqa: E402
 from tasks.cli import main, run_cli  # noqa: E402
-from tasks.data.synthetic import SyntheticMaskSpec, generate_masks, write_split  # noqa: E402
+from tasks.cli import main as effbackbone_main  # noqa: E402
+from tasks.segmentation.synthetic import SyntheticMaskSpec, generate_masks, write_split  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "seg_unet_b0.yaml"
 

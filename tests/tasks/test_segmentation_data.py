@@ -10,9 +10,9 @@ from PIL import Image
 pytest.importorskip("lightning")
 pytest.importorskip("albumentations")
 
-from tasks.data.masks import IGNORE_LABEL, MaskDataModule, collate_padded  # noqa: E402
-from tasks.data.synthetic import PALETTE, SyntheticMaskSpec, ensure_masks, generate_masks, make_sample  # noqa: E402
-from tasks.data.transforms import build_transforms  # noqa: E402
+from tasks.segmentation.data import IGNORE_LABEL, MaskDataModule, collate_padded  # noqa: E402
+from tasks.segmentation.synthetic import PALETTE, SyntheticMaskSpec, ensure_masks, generate_masks, make_sample  # noqa: E402
+from tasks.segmentation.transforms import build_transforms  # noqa: E402
 
 
 @pytest.fixture

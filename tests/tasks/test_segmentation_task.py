@@ -9,9 +9,9 @@ pytest.importorskip("segmentation_models_pytorch")
 import lightning as L  # noqa: E402
 
 from effbackbone.activations import BatchNormAct2d  # noqa: E402
-from tasks.predict_seg import sliding_window  # noqa: E402
-from tasks.seg_losses import CompositeLoss, parse_loss  # noqa: E402
 from tasks.segmentation import SegmentationTask  # noqa: E402
+from tasks.segmentation.losses import CompositeLoss, parse_loss  # noqa: E402
+from tasks.segmentation.tiling import sliding_window  # noqa: E402
 
 SMALL = {"decoder_channels": [32, 16, 16, 8, 8]}
 

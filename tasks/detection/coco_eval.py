@@ -17,7 +17,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
 
-from tasks.boxes import xyxy_to_xywh
+from tasks.detection.boxes import xyxy_to_xywh
 
 # Names of COCOeval.stats[0:6], in order.
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")

@@ -1,4 +1,4 @@
-"""Reproducible, resumable training order and augmentation; each image evaluated once under DDP.
+"""Reproducible, resumable training order and augmentation (evaluation under DDP: :mod:`tasks.common.distributed`).
 
 * :class:`EpochSampler` draws the order of an epoch from ``(seed, epoch)`` only, and a seed for each
   sample's augmentation with it. ``torch``'s ``RandomSampler`` draws from the global RNG, and
@@ -10,8 +10,6 @@
   Lightning: the count goes into every checkpoint, and a mid-epoch resume skips exactly the
   samples already trained on (single process; under DDP the epoch's order restarts, see
   ``load_state_dict``).
-* :func:`unrepeated_eval_sampler`: Lightning's ``DistributedSampler`` pads the ranks with repeated
-  images, which metrics then count twice; this sampler gives each image to exactly one rank.
 """
 
 from __future__ import annotations
@@ -147,22 +145,29 @@ def _epoch_sampler(loader: DataLoader) -> EpochSampler | None:
     return inner if isinstance(inner, EpochSampler) else None
 
 
-def unrepeated_eval_sampler(dataset: Dataset[Any]) -> Sampler[int] | None:
-    """Under DDP with at least one image per rank: a sampler that gives each image to one rank only.
+def make_loader(
+    dataset: Dataset[Any],
+    batch_size: int,
+    collate_fn: Any,  # noqa: ANN401 - the task's collate function
+    num_workers: int = 0,
+    train: bool = False,
+) -> DataLoader:
+    """The data loader of a split, the same for every task.
 
-    Returns ``None`` outside DDP, and when there are fewer images than ranks (a rank without any
-    batch would skip the epoch-end metric sync that the others wait in); Lightning's padding
-    sampler is used then, and the repeated images count twice in the metrics.
+    Training: seeded order and augmentation, resumable mid-epoch (:class:`ResumableDataLoader`), and a
+    short last batch dropped (BatchNorm fails on a batch of one, e.g. EfficientDet's 1x1 top level).
+    Evaluation: each image to one rank only under DDP (:func:`~tasks.common.distributed.unrepeated_eval_sampler`),
+    so padded repeats do not count twice.
     """
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    if len(dataset) < dist.get_world_size():  # type: ignore[arg-type]
-        return None
-    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+    common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "collate_fn": collate_fn,
+                              "persistent_workers": num_workers > 0}  # fmt: skip
+    if train:
+        sampler = EpochSampler(len(dataset), default_seed())  # type: ignore[arg-type]
+        return ResumableDataLoader(SeededDataset(dataset), sampler=sampler, drop_last=len(dataset) > batch_size,  # type: ignore[arg-type]
+                                   **common)  # fmt: skip
+    from tasks.common.distributed import unrepeated_eval_sampler
 
-    return UnrepeatedDistributedSampler(dataset, num_replicas=dist.get_world_size(), rank=dist.get_rank(),
-                                        shuffle=False)  # fmt: skip
+    return DataLoader(dataset, sampler=unrepeated_eval_sampler(dataset), **common)
 
 
 __all__ = [
@@ -170,6 +175,6 @@ __all__ = [
     "ResumableDataLoader",
     "SeededDataset",
     "default_seed",
+    "make_loader",
     "reseed",
-    "unrepeated_eval_sampler",
 ]

@@ -1,6 +1,6 @@
 """Input checks shared by the data modules and tasks: every error names the item, the value and the fix.
 
-The readers in :mod:`tasks.data.mask_io` and :mod:`tasks.data.coco` call these so that bad input
+The readers in :mod:`tasks.segmentation.io` and :mod:`tasks.detection.data` call these so that bad input
 stops with one clear message (or is handled in a documented, counted way) instead of a cryptic
 library error deep in a worker, or silently wrong training data. ``docs/reliability.md`` lists
 what the user sees for each case.

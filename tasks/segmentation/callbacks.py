@@ -14,8 +14,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor
 
-from tasks.seg_viz import multilabel_to_ids, render_panel, to_rgb
-from tasks.writers import run_subdir
+from tasks.common.writers import run_subdir
+from tasks.segmentation.viz import multilabel_to_ids, render_panel, to_rgb
 
 
 def _display(image: Tensor, datamodule: Any) -> np.ndarray:  # noqa: ANN401 - any data module

@@ -3,7 +3,7 @@
 The network, anchors, focal/box losses and NMS are effdet's (``DetBenchTrain`` in training and
 evaluation; for ``forward``/predict, ``DetBenchPredict`` with an exact, faster top-k:
 :class:`~effbackbone.integrations.effdet_inference.FastDetBenchPredict`); this module adds the Lightning loop, the
-box-format boundaries (``tasks.boxes``), an optional EMA of the weights (used for evaluation and
+box-format boundaries (``tasks.detection.boxes``), an optional EMA of the weights (used for evaluation and
 prediction when enabled) and COCO evaluation in original-image coordinates and category ids.
 """
 
@@ -13,7 +13,6 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
-import lightning as L
 import torch
 from effdet import DetBenchTrain
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -23,11 +22,11 @@ from torch.optim.swa_utils import AveragedModel
 
 from effbackbone.integrations.effdet import create_efficientdet
 from effbackbone.integrations.effdet_inference import FastDetBenchPredict
-from tasks.boxes import split_detections, to_effdet_targets
-from tasks.eval.coco import coco_map, to_coco_results
-from tasks.guards import NonFinitePolicy, check_loss, snapshot_buffers
-from tasks.optim import build_param_groups
-from tasks.validation import check_channels
+from tasks.common.base import BaseTask
+from tasks.common.distributed import gather_per_image
+from tasks.common.guards import NonFinitePolicy
+from tasks.detection.boxes import split_detections, to_effdet_targets
+from tasks.detection.coco_eval import coco_map, to_coco_results
 
 
 def _ema_update_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
@@ -53,34 +52,7 @@ def num_anchors(image_size: int, min_level: int = 3, max_level: int = 7, per_loc
     return sum(per_location * (image_size // 2**lvl) ** 2 for lvl in range(min_level, max_level + 1))
 
 
-def all_gather_objects(obj: Any) -> list[Any]:  # noqa: ANN401 - any picklable object
-    """``obj`` from every rank (a one-element list outside DDP); every rank must call it."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def merge_rank_results(
-    gathered: list[tuple[list[dict[str, Any]], list[int]]],
-) -> tuple[list[dict[str, Any]], list[int]]:
-    """Concatenate every rank's ``(results, image_ids)``, keeping each image from the first rank that has it.
-
-    DistributedSampler pads ranks to equal length by repeating images; counting those twice would
-    bias the mAP. A rank with no images contributes nothing.
-    """
-    results: list[dict[str, Any]] = []
-    seen: set[int] = set()
-    for rank_results, rank_ids in gathered:
-        new = set(rank_ids) - seen
-        results.extend(r for r in rank_results if r["image_id"] in new)
-        seen |= new
-    return results, sorted(seen)
-
-
-class DetectionTask(L.LightningModule):
+class DetectionTask(BaseTask):
     """EfficientDet training/evaluation/prediction on COCO-format batches (``CocoDataModule``).
 
     Batches are ``{"image", "boxes_xyxy", "labels", "image_id", "img_scale", "img_size"}`` with
@@ -90,7 +62,7 @@ class DetectionTask(L.LightningModule):
     Args:
         model: ``d0``..``d7`` (or ``d7x``).
         num_classes: Detection classes (linked from ``data.num_classes`` by the CLI).
-        image_size: Square input side; must equal the data's ``image_size`` (multiple of 128).
+        image_size: Square input side, a multiple of 128 (linked from ``data.image_size`` by the CLI).
         backbone_weights: Local ImageNet weights file for the encoder (timm or torchvision layout).
         pretrained_path: A whole effdet COCO checkpoint to start from (class head reset if needed).
         freeze_backbone: Train only BiFPN and heads; the encoder's BatchNorm stays in eval mode.
@@ -109,6 +81,9 @@ class DetectionTask(L.LightningModule):
             same results, and a faster step on CPU (oneDNN) and on GPU with mixed precision.
     """
 
+    monitor = "val/AP"
+    trainable_only = True  # freeze_backbone freezes for the whole run
+
     def __init__(
         self,
         model: str = "d0",
@@ -125,7 +100,10 @@ class DetectionTask(L.LightningModule):
         detector_options: dict[str, Any] | None = None,
         channels_last: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if image_size % 128:
             raise ValueError(f"image_size must be a multiple of 128 (EfficientDet's P7 stride), got {image_size}")
@@ -134,9 +112,6 @@ class DetectionTask(L.LightningModule):
         self.num_classes = num_classes
         self.image_size = image_size
         self.freeze_backbone = freeze_backbone
-        self.optimizer = optimizer
-        self.lr_scheduler = lr_scheduler
-        self.nonfinite_loss: NonFinitePolicy = nonfinite_loss
         options = {"max_detection_points": min(5000, num_anchors(image_size)), **(detector_options or {})}
         detector = create_efficientdet(
             model, num_classes, backbone_weights=backbone_weights, pretrained_path=pretrained_path,
@@ -146,9 +121,7 @@ class DetectionTask(L.LightningModule):
             for module in detector.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.momentum = bn_momentum
-        self.channels_last = channels_last
-        if channels_last:  # before the EMA copy, which inherits the layout
-            detector = detector.to(memory_format=torch.channels_last)
+        detector = self.to_layout(detector)  # before the EMA copy, which inherits the layout
         self.detector = DetBenchTrain(detector, create_labeler=True)
         # Checked before the stem convolution, whose own error does not say which option to change.
         self.in_channels = next(m.in_channels for m in detector.modules() if isinstance(m, nn.Conv2d))
@@ -161,11 +134,15 @@ class DetectionTask(L.LightningModule):
         # Label -> COCO category id; replaced by the data's map in setup() and saved in checkpoints.
         self.category_ids: tuple[int, ...] = tuple(range(1, num_classes + 1))
         self.class_names: tuple[str, ...] = tuple(str(i) for i in self.category_ids)
-        self._results: list[dict[str, Any]] = []
-        self._image_ids: list[int] = []
+        self._results: dict[int, list[dict[str, Any]]] = {}  # image id -> its COCO results
         self._predictor: dict[int, FastDetBenchPredict] = {}  # plain dict: not a registered submodule
 
     # -- model -------------------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The trained EfficientDet inside effdet's training bench (anchors, labeler, losses)."""
+        return self.detector
+
     def eval_bench(self) -> DetBenchTrain:
         """The bench used for evaluation and prediction: the EMA copy when enabled."""
         return self.ema.module if self.ema is not None else self.detector  # type: ignore[return-value]
@@ -178,8 +155,7 @@ class DetectionTask(L.LightningModule):
         Boxes are in original-image pixels when ``img_scale`` and ``img_size`` are given, else in
         model-input pixels.
         """
-        check_channels(images, self.in_channels, type(self).__name__)
-        images = self._layout(images)
+        images = self.prepare_images(images)
         model = self.eval_bench().model
         predictor = self._predictor.get(id(model))
         if predictor is None:
@@ -211,18 +187,8 @@ class DetectionTask(L.LightningModule):
                              f"{self.num_classes}; set model.init_args.num_classes={len(cmap)}")
         self.category_ids, self.class_names = tuple(cmap.category_ids), tuple(cmap.names)
 
-    def _layout(self, images: Tensor) -> Tensor:
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:  # noqa: ANN401 - any batch
-        """Give every step's images the model's memory layout (a no-op unless ``channels_last``)."""
-        if isinstance(batch, dict) and isinstance(batch.get("image"), Tensor):
-            batch["image"] = self._layout(batch["image"])
-        return batch
-
     # -- training ----------------------------------------------------------------------------------
     def _target(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        check_channels(batch["image"], self.in_channels, type(self).__name__)
         target = to_effdet_targets(batch["boxes_xyxy"], batch["labels"])
         target = {k: v.to(batch["image"].device) for k, v in target.items()}
         return {**target, "img_scale": batch["img_scale"], "img_size": batch["img_size"]}
@@ -235,13 +201,14 @@ class DetectionTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """The focal + box loss (effdet's) on one batch."""
-        saved = snapshot_buffers(self.detector) if self.nonfinite_loss == "skip" else None
-        out = self.detector(batch["image"], self._target(batch))
-        self._log_losses(out, "train", len(batch["image"]))
-        parts = ""
-        if not bool(torch.isfinite(out["loss"].detach())):  # name the culprit only when there is one
-            parts = f"class_loss={out['class_loss'].item():.4g}, box_loss={out['box_loss'].item():.4g}"
-        return check_loss(out["loss"], self.global_step, self.nonfinite_loss, parts, restore=saved)
+
+        def compute() -> tuple[Tensor, Callable[[], str]]:
+            out = self.detector(self.prepare_images(batch["image"]), self._target(batch))
+            self._log_losses(out, "train", len(batch["image"]))
+            parts = out["class_loss"], out["box_loss"]
+            return out["loss"], lambda: f"class_loss={parts[0].item():.4g}, box_loss={parts[1].item():.4g}"
+
+        return self.guarded(compute)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
         """Update the EMA weights after each optimizer step."""
@@ -250,11 +217,10 @@ class DetectionTask(L.LightningModule):
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        out = self.eval_bench()(batch["image"], self._target(batch))
+        out = self.eval_bench()(self.prepare_images(batch["image"]), self._target(batch))
         self._log_losses(out, stage, len(batch["image"]))
-        ids = batch["image_id"].tolist()
-        self._results.extend(to_coco_results(ids, split_detections(out["detections"]), self.category_ids))
-        self._image_ids.extend(ids)
+        for image_id, dets in zip(batch["image_id"].tolist(), split_detections(out["detections"]), strict=True):
+            self._results[image_id] = to_coco_results([image_id], [dets], self.category_ids)
 
     def _ground_truth(self, stage: str) -> COCO | None:
         loaders = self.trainer.val_dataloaders if stage == "val" else self.trainer.test_dataloaders
@@ -264,8 +230,10 @@ class DetectionTask(L.LightningModule):
     def _eval_epoch_end(self, stage: str) -> None:
         # Every rank gathers every rank's results (all ranks must call the collective, also those
         # without results) and evaluates the same set, so the logged numbers agree everywhere.
-        results, image_ids = merge_rank_results(all_gather_objects((self._results, self._image_ids)))
-        self._results, self._image_ids = [], []
+        per_image = gather_per_image(self._results)
+        self._results = {}
+        results = [r for rs in per_image.values() for r in rs]
+        image_ids = sorted(per_image)
         coco_gt = self._ground_truth(stage)
         if coco_gt is None:
             warnings.warn(f"no COCO ground truth on the {stage} dataset (a CocoDetection); mAP not computed",
@@ -277,7 +245,7 @@ class DetectionTask(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         """Start collecting validation predictions."""
-        self._results, self._image_ids = [], []
+        self._results = {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """Losses, plus detections collected for COCO mAP."""
@@ -289,7 +257,7 @@ class DetectionTask(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         """Start collecting test predictions."""
-        self._results, self._image_ids = [], []
+        self._results = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """As ``validation_step``, logged under ``test/``."""
@@ -308,16 +276,7 @@ class DetectionTask(L.LightningModule):
         return [{**d, "category_ids": ids[d["labels"]], "image_id": int(i), "file_name": n}
                 for d, i, n in zip(dets, batch["image_id"].tolist(), names, strict=True)]
 
-    # -- optimisation and checkpoints --------------------------------------------------------------
-    def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer config union
-        """The configured optimizer over trainable parameters, no weight decay on norms and biases."""
-        # weight_decay=None: weights take the optimizer's configured decay; norms and biases get 0.
-        optimizer = self.optimizer(build_param_groups(self.detector, None))
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/AP"}}
-
+    # -- checkpoints -------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the label -> category map so a checkpoint alone can write COCO results."""
         checkpoint["detection_categories"] = {"category_ids": list(self.category_ids), "names": list(self.class_names)}
@@ -329,4 +288,4 @@ class DetectionTask(L.LightningModule):
             self.category_ids, self.class_names = tuple(cats["category_ids"]), tuple(cats["names"])
 
 
-__all__ = ["DetectionTask", "all_gather_objects", "merge_rank_results", "num_anchors"]
+__all__ = ["DetectionTask", "num_anchors"]

@@ -11,7 +11,7 @@ and back (``CategoryMap``); crowd annotations are not trained on (COCOeval still
 images become RGB; boxes are clipped to the image and the degenerate ones dropped with one
 warning that counts them (and marked as crowd, i.e. "ignore", for COCOeval: a zero-size box can
 never be found); a missing image file is an error naming it. The json itself is checked by
-:func:`tasks.validation.sanitize_coco` (duplicate image ids, unknown image or category ids, bad
+:func:`tasks.common.checks.sanitize_coco` (duplicate image ids, unknown image or category ids, bad
 bboxes are errors; annotation ids that are 0, missing or duplicated are renumbered).
 """
 
@@ -33,13 +33,12 @@ from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.boxes import clip_xyxy, xywh_to_xyxy
-from tasks.data.det_transforms import build_det_transforms, letterbox_scale
-from tasks.data.sampling import EpochSampler, ResumableDataLoader, SeededDataset, default_seed
-from tasks.data.synthetic_coco import SyntheticCocoSpec, ensure_synthetic_coco
-from tasks.validation import reading, sanitize_coco, warn_ignored
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from tasks.common.checks import reading, sanitize_coco
+from tasks.common.images import find_images, read_image
+from tasks.common.sampling import make_loader
+from tasks.detection.boxes import clip_xyxy, xywh_to_xyxy
+from tasks.detection.synthetic import SyntheticCocoSpec, ensure_synthetic_coco
+from tasks.detection.transforms import build_det_transforms, letterbox_scale
 
 
 @dataclass(frozen=True)
@@ -97,6 +96,8 @@ def load_rgb(path: Path) -> np.ndarray:
     """Read an image as ``HxWx3`` uint8 RGB (grayscale, palette, 16-bit and RGBA are converted)."""
     if not path.is_file():
         raise FileNotFoundError(f"image file {path} does not exist")
+    if path.suffix.lower() == ".npy":  # an array: the segmentation reader's rules, scaled to 8 bits
+        return (read_image(path, 3) * 255).round().clip(0, 255).astype(np.uint8)
     with reading(path, "image"), Image.open(path) as im:  # corrupt/truncated: a ValueError naming the file
         if im.mode in ("I;16", "I;16B", "I"):  # 16/32-bit grey: rescale rather than clip to 255
             arr = np.asarray(im, dtype=np.float32)
@@ -175,14 +176,7 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
 
     def __init__(self, folder: str | Path, image_size: int) -> None:
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise FileNotFoundError(f"prediction folder {self.folder} does not exist")
-        entries = [p for p in self.folder.iterdir() if p.is_file()]
-        self.files = sorted(p for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
-        warn_ignored(self.folder, [p.name for p in entries if p.suffix.lower() not in IMAGE_SUFFIXES],
-                     "non-image file(s)", f"not one of {', '.join(IMAGE_SUFFIXES)}")
-        if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {self.folder}")
+        self.files = find_images(self.folder, "prediction")
         self.image_size = image_size
         self.transforms = build_det_transforms("predict", image_size)
 
@@ -304,19 +298,7 @@ class CocoDataModule(L.LightningDataModule):
             self.datasets["predict"] = ImageFolderDataset(self.predict_dir, self.image_size)
 
     def _loader(self, key: str, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
-        dataset = self.datasets[key]
-        # BatchNorm on EfficientDet's 1x1 top level fails on a batch of one: drop a short last train batch.
-        drop_last = shuffle and len(dataset) > self.batch_size  # type: ignore[arg-type]
-        if shuffle:  # seeded order and augmentation, resumable mid-epoch (tasks.data.sampling)
-            return ResumableDataLoader(
-                SeededDataset(dataset), batch_size=self.batch_size, sampler=EpochSampler(len(dataset), default_seed()),
-                num_workers=self.num_workers, collate_fn=collate_detection, drop_last=drop_last,
-                persistent_workers=self.num_workers > 0,
-            )  # fmt: skip
-        return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-            collate_fn=collate_detection, drop_last=drop_last, persistent_workers=self.num_workers > 0,
-        )
+        return make_loader(self.datasets[key], self.batch_size, collate_detection, self.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled, augmented training batches."""

@@ -15,8 +15,10 @@ from typing import Literal
 import albumentations as A
 import cv2
 
-# ImageNet mean as uint8: padding with it becomes 0 after normalisation.
-_PAD_FILL = (124, 116, 104)
+from tasks.common.images import IMAGENET_MEAN, IMAGENET_STD
+
+# The mean as uint8: padding with it becomes 0 after normalisation.
+_PAD_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 def letterbox_scale(width: int, height: int, image_size: int) -> float:
@@ -59,4 +61,5 @@ def build_det_transforms(
             A.HorizontalFlip(p=0.5),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
         ]
-    return A.Compose([*letterbox, *jitter, A.Normalize()], bbox_params=_bbox_params(split))
+    normalize = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    return A.Compose([*letterbox, *jitter, normalize], bbox_params=_bbox_params(split))

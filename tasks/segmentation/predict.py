@@ -1,4 +1,4 @@
-"""Segmentation inference: sliding-window prediction, and writing mask and overlay PNGs.
+"""Segmentation inference: mask and overlay PNGs of whole images (tiled by :mod:`tasks.segmentation.tiling`).
 
 Three ways in: ``SegmentationTask.predict_step`` (``effbackbone predict``, with
 :class:`SegmentationWriter` in the config's callbacks), :func:`predict_folder` from Python, and
@@ -7,70 +7,35 @@ the quickstart. All of them tile images larger than the task's ``tile_size``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from tasks.data.mask_io import default_stats, find_images, read_image
-from tasks.seg_viz import class_palette, multilabel_to_ids, overlay, to_rgb
-from tasks.writers import PredictionWriter
+from tasks.common.images import default_stats, find_images, read_image
+from tasks.common.writers import PredictionWriter
+from tasks.segmentation.viz import class_palette, multilabel_to_ids, overlay, to_rgb
 
 if TYPE_CHECKING:
     import lightning as L
 
-    from tasks.segmentation import SegmentationTask
 
+class Predictor(Protocol):
+    """What prediction needs of a model (``SegmentationTask`` has it): no import of the task here."""
 
-def _starts(length: int, tile: int, stride: int) -> list[int]:
-    """Tile origins covering ``0..length`` with the last tile flush with the end."""
-    if length <= tile:
-        return [0]
-    starts = list(range(0, length - tile, stride))
-    return [*starts, length - tile]
+    in_channels: int
+    mean: list[float] | None
+    std: list[float] | None
+    class_names: list[str]
 
-
-@torch.no_grad()
-def sliding_window(
-    fn: Callable[[Tensor], Tensor], image: Tensor, tile: int, overlap: float = 0.25, batch_size: int = 4
-) -> Tensor:
-    """Apply ``fn`` (1 x C x h x w -> 1 x K x h x w) over overlapping tiles and average where they overlap.
-
-    Images no larger than ``tile`` on both sides go through ``fn`` whole. Each pixel's output is
-    the plain mean over the tiles that cover it (uniform weights); every pixel is covered because
-    the last tile in each direction is placed flush with the border.
-
-    Args:
-        fn: The per-tile function, e.g. probabilities of a model.
-        image: 1 x C x H x W.
-        tile: Tile side in pixels.
-        overlap: Overlap between neighbouring tiles as a fraction of ``tile`` (0 <= overlap < 1).
-        batch_size: Tiles per ``fn`` call.
-    """
-    if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
-    _, _, h, w = image.shape
-    if h <= tile and w <= tile:
-        return fn(image)
-    th, tw = min(tile, h), min(tile, w)
-    stride = max(1, int(tile * (1 - overlap)))
-    boxes = [(y, x) for y in _starts(h, th, stride) for x in _starts(w, tw, stride)]
-    total: Tensor | None = None
-    count = image.new_zeros(1, 1, h, w, dtype=torch.float32)
-    for i in range(0, len(boxes), batch_size):
-        chunk = boxes[i : i + batch_size]
-        out = fn(torch.cat([image[..., y : y + th, x : x + tw] for y, x in chunk]))
-        if total is None:  # float32 sums even when fn runs under autocast
-            total = out.new_zeros(1, out.shape[1], h, w, dtype=torch.float32)
-        for k, (y, x) in enumerate(chunk):
-            total[..., y : y + th, x : x + tw] += out[k].float()
-            count[..., y : y + th, x : x + tw] += 1
-    assert total is not None
-    return total / count
+    def eval(self) -> Any: ...  # noqa: ANN401, D102
+    def parameters(self) -> Any: ...  # noqa: ANN401, D102
+    def predict_probabilities(self, image: Tensor) -> Tensor: ...  # noqa: D102
+    def labels(self, probs: Tensor) -> Tensor: ...  # noqa: D102
 
 
 def save_prediction(
@@ -101,7 +66,7 @@ def save_prediction(
     return mask_path, overlay_path
 
 
-def _normalise(image: np.ndarray, task: SegmentationTask) -> Tensor:
+def _normalise(image: np.ndarray, task: Predictor) -> Tensor:
     mean, std = task.mean, task.std
     if mean is None or std is None:
         mean, std = default_stats(task.in_channels)
@@ -110,7 +75,7 @@ def _normalise(image: np.ndarray, task: SegmentationTask) -> Tensor:
 
 
 def predict_folder(
-    task: SegmentationTask, input_dir: str | Path, output_dir: str | Path, limit: int | None = None
+    task: Predictor, input_dir: str | Path, output_dir: str | Path, limit: int | None = None
 ) -> list[tuple[Path, Path]]:
     """Predict every image of ``input_dir`` (tiled when large) into ``output_dir``; returns the written paths."""
     task.eval()

@@ -2,29 +2,27 @@
 
 One ``_shared_step`` serves train/val/test; metrics are a ``MetricCollection`` cloned with the
 ``train/``, ``val/`` and ``test/`` prefixes and logged once per epoch; predictions of images larger
-than ``tile_size`` are tiled (see :mod:`tasks.predict_seg`). Any image size works: ``forward``
-pads to a multiple of 32 and crops the logits back.
+than ``tile_size`` are tiled (see :mod:`tasks.segmentation.predict`). Any image size works: ``forward``
+pads to a multiple of ``size_divisibility`` and crops the logits back.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-import lightning as L
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 import effbackbone.integrations.smp as eb_smp
-from tasks.data.masks import IGNORE_LABEL
-from tasks.guards import NonFinitePolicy, check_loss, snapshot_buffers
-from tasks.optim import build_param_groups
-from tasks.predict_seg import sliding_window
-from tasks.seg_losses import CompositeLoss
-from tasks.seg_metrics import build_metrics, to_metric_input
-from tasks.validation import check_channels
+from tasks.common.base import BaseTask
+from tasks.common.guards import NonFinitePolicy
+from tasks.segmentation.data import IGNORE_LABEL
+from tasks.segmentation.losses import CompositeLoss
+from tasks.segmentation.metrics import build_metrics, to_metric_input
+from tasks.segmentation.tiling import sliding_window
 
 Variant = Literal[
     "b0", "b1", "b2", "b3", "b4", "b5", "b6", "b7",
@@ -49,7 +47,7 @@ def encoder_name(variant: str, phi: float | None = None, options: dict[str, Any]
     return eb_smp.register_custom(f"{eb_smp.smp_name(variant)}-{suffix}", variant, **opts)
 
 
-class SegmentationTask(L.LightningModule):
+class SegmentationTask(BaseTask):
     """Semantic segmentation with any smp decoder on an effbackbone encoder.
 
     Args:
@@ -107,11 +105,14 @@ class SegmentationTask(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(
+            in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
+            channels_last=channels_last,
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if mode == "binary" and num_classes != 2:
             raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {num_classes}")
-        self.mode, self.num_classes, self.in_channels = mode, num_classes, in_channels
+        self.mode, self.num_classes = mode, num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         if len(self.class_names) != num_classes:
@@ -119,8 +120,6 @@ class SegmentationTask(L.LightningModule):
         self.mean, self.std = mean, std
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.freeze_encoder_epochs = freeze_encoder_epochs
-        self.nonfinite_loss: NonFinitePolicy = nonfinite_loss
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.model = smp.create_model(
             decoder,
             encoder_name=encoder_name(variant, phi, encoder_options),
@@ -129,9 +128,9 @@ class SegmentationTask(L.LightningModule):
             classes=1 if mode == "binary" else num_classes,
             **(decoder_options or {}),
         )
-        self.channels_last = channels_last
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.to_layout(self.model)
+        # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride).
+        self.size_divisibility = int(self.model.encoder.output_stride)
         self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
         base = build_metrics(mode, num_classes, self.class_names, ignore_index)
         self.train_metrics = base.clone(prefix="train/")
@@ -139,16 +138,18 @@ class SegmentationTask(L.LightningModule):
         self.test_metrics = base.clone(prefix="test/")
 
     # -- model -------------------------------------------------------------------------------------
+    @property
+    def network(self) -> nn.Module:
+        """The smp model (encoder, decoder, head)."""
+        return self.model
+
     def forward(self, image: Tensor) -> Tensor:
-        """Logits (N x C x H x W, C = 1 for binary) for images of any size (padded to 32, cropped back)."""
-        check_channels(image, self.in_channels, type(self).__name__)
+        """Logits (N x C x H x W, C = 1 for binary) for any size (padded to ``size_divisibility``, cropped back)."""
         h, w = image.shape[-2:]
-        pad_h, pad_w = -h % 32, -w % 32
+        pad_h, pad_w = -h % self.size_divisibility, -w % self.size_divisibility
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h))  # zeros = the mean after normalisation
-        if self.channels_last:
-            image = image.contiguous(memory_format=torch.channels_last)
-        return self.model(image)[..., :h, :w]
+        return self.model(self.prepare_images(image))[..., :h, :w]
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Per-class probabilities (N x num_classes x H x W; binary gives background and foreground)."""
@@ -177,10 +178,7 @@ class SegmentationTask(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
         """Loss of one batch (``None`` skips a non-finite one when ``nonfinite_loss="skip"``)."""
-        # BN running stats are updated in the forward; a skipped batch must not leave NaN in them.
-        saved = snapshot_buffers(self.model) if self.nonfinite_loss == "skip" else None
-        loss, _ = self._shared_step(batch, "train")
-        return check_loss(loss, self.global_step, self.nonfinite_loss, restore=saved)
+        return self.guarded(lambda: (self._shared_step(batch, "train")[0], lambda: ""))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Loss and predicted labels (the overlay callback draws them)."""
@@ -240,22 +238,3 @@ class SegmentationTask(L.LightningModule):
         frozen = self.current_epoch < self.freeze_encoder_epochs
         if frozen != self.model._is_encoder_frozen:
             (self.model.freeze_encoder if frozen else self.model.unfreeze_encoder)()
-
-    def configure_optimizers(self) -> Any:  # noqa: ANN401 - Lightning's optimizer/scheduler union
-        """The configured optimizer over all parameters, without weight decay on norms and biases.
-
-        Frozen encoder parameters are included (they have no gradient while frozen, so they are not
-        updated) so that unfreezing needs no new optimizer.
-        """
-        optimizer = self.optimizer(build_param_groups(self, None, trainable_only=False))
-        if self.lr_scheduler is None:
-            return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
-
-    # -- deployment --------------------------------------------------------------------------------
-    def export_onnx(self, path: str, **kwargs: Any) -> dict[str, Any]:  # noqa: ANN401
-        """Export to ONNX; see :func:`tasks.export.export_segmentation_onnx` for the arguments."""
-        from tasks.export import export_segmentation_onnx
-
-        return export_segmentation_onnx(self, path, **kwargs)

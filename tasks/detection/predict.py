@@ -26,10 +26,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 
-from tasks.data.coco import ImageFolderDataset, collate_detection, load_rgb
-from tasks.detection import DetectionTask, all_gather_objects
-from tasks.eval.coco import to_coco_results
-from tasks.writers import PredictionWriter
+from tasks.common.distributed import gather_per_image
+from tasks.common.writers import PredictionWriter
+from tasks.detection.coco_eval import to_coco_results
+from tasks.detection.data import ImageFolderDataset, collate_detection, load_rgb
+from tasks.detection.task import DetectionTask
 
 _COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
 
@@ -136,22 +137,21 @@ class DetectionWriter(PredictionWriter):
         super().__init__(output_dir)
         self.score_threshold = score_threshold
         self.draw = draw
-        self._predictions: list[dict[str, Any]] = []
+        self._predictions: dict[int, dict[str, Any]] = {}  # image id -> its detections
 
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a fresh collection."""
-        self._predictions = []
+        self._predictions = {}
 
     def write_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any) -> None:  # noqa: ANN401
         """Keep the batch's detections (on the CPU) until the epoch ends."""
-        self._predictions.extend(_cpu(p) for p in prediction)
+        self._predictions.update((p["image_id"], _cpu(p)) for p in prediction)
 
     def on_predict_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Gather every rank's detections and write the files once (rank 0)."""
-        gathered = [p for rank in all_gather_objects(self._predictions) for p in rank]
-        self._predictions = []
+        unique = list(gather_per_image(self._predictions).values())  # DistributedSampler repeats some images
+        self._predictions = {}
         if trainer.is_global_zero:
-            unique = list({p["image_id"]: p for p in gathered}.values())  # DistributedSampler repeats some
             out = self.output_path(trainer)
             if not isinstance(pl_module, DetectionTask):
                 raise TypeError(f"DetectionWriter needs a DetectionTask, got {type(pl_module).__name__}")

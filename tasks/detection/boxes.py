@@ -9,7 +9,7 @@ Three formats meet in detection and every field names its own:
 
 Each boundary has exactly one converter here: COCO json -> dataset (``xywh_to_xyxy``),
 collate -> effdet (``to_effdet_targets``), effdet detections -> ours (``split_detections``),
-ours -> COCO results (``xyxy_to_xywh`` via ``tasks.eval.coco.to_coco_results``).
+ours -> COCO results (``xyxy_to_xywh`` via ``tasks.detection.coco_eval.to_coco_results``).
 """
 
 from __future__ import annotations

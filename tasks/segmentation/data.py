@@ -21,15 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.data.mask_io import check_pair, default_stats, find_images, find_pairs, read_image, read_mask
-from tasks.data.sampling import (
-    EpochSampler,
-    ResumableDataLoader,
-    SeededDataset,
-    default_seed,
-    unrepeated_eval_sampler,
-)
-from tasks.data.transforms import EvalResize, build_transforms
+from tasks.common.images import default_stats, find_images, read_image
+from tasks.common.sampling import make_loader
+from tasks.segmentation.io import check_pair, find_pairs, read_mask
+from tasks.segmentation.transforms import EvalResize, build_transforms
 
 IGNORE_LABEL = -100
 Mode = Literal["binary", "multiclass", "multilabel"]
@@ -262,19 +257,7 @@ class MaskDataModule(L.LightningDataModule):
         return self.root / "train" / "images"
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
-        dataset = self.datasets[split]
-        if shuffle:  # seeded order and augmentation, resumable mid-epoch (tasks.data.sampling)
-            return ResumableDataLoader(
-                SeededDataset(dataset), batch_size=batch_size, sampler=EpochSampler(len(dataset), default_seed()),
-                num_workers=self.hparams.num_workers, collate_fn=collate_padded, drop_last=len(dataset) > batch_size,
-                persistent_workers=self.hparams.num_workers > 0,
-            )  # fmt: skip
-        return DataLoader(
-            # Under DDP each val/test image goes to one rank only: padded repeats would count twice in the metrics.
-            dataset, batch_size=batch_size, sampler=unrepeated_eval_sampler(dataset),
-            num_workers=self.hparams.num_workers, collate_fn=collate_padded,
-            persistent_workers=self.hparams.num_workers > 0,
-        )  # fmt: skip
+        return make_loader(self.datasets[split], batch_size, collate_padded, self.hparams.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled random crops."""

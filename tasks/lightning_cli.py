@@ -1,0 +1,74 @@
+"""The LightningCLI behind ``effbackbone fit|validate|test|predict`` (the command itself: :mod:`tasks.cli`).
+
+``model.class_path`` and ``data.class_path`` in the YAML choose the task (``tasks.segmentation.SegmentationTask``
++ ``tasks.segmentation.MaskDataModule``, or the detection pair). Properties of the data that the model must
+agree with (``num_classes``, ``in_channels``, ``image_size``, ...) are set on the data only and linked into
+the model when both classes have them; links whose source or target a class lacks are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from tasks.common.checkpoint_io import AtomicCheckpointIO, RngState, safe_torch_load
+
+# data attribute -> model init argument, linked after the data module is built.
+LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std", "image_size")
+
+
+class EffBackboneCLI(LightningCLI):
+    """``LightningCLI`` in subclass mode for model and data, with the data -> model links."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link each ``LINKED`` data attribute to the model argument of the same name."""
+        for name in LINKED:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: object) -> Trainer:
+        """The trainer, with :class:`~tasks.common.checkpoint_io.AtomicCheckpointIO` unless the config set one.
+
+        Every checkpoint is then written atomically and read with ``weights_only=True``, also when the
+        YAML names no plugin.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        if not any(isinstance(c, RngState) for c in trainer.callbacks):  # RNG states in checkpoints, for resume
+            trainer.callbacks.append(RngState())
+        return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
+
+        Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
+        """
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and Path(ckpt).is_file():
+            safe_torch_load(ckpt)
+        super()._parse_ckpt_path()
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` into ``self.config``.
+
+        Lightning warns when ``args`` is given while ``sys.argv`` has arguments too; ``main`` always
+        passes the arguments explicitly (it reads ``sys.argv`` itself), so that warning is skipped.
+        """
+        self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
+
+def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:
+    """Build (and by default run) the CLI on ``args`` (``sys.argv[1:]`` when ``None``)."""
+    return EffBackboneCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
