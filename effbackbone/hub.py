@@ -98,6 +98,15 @@ def _dir_stems(source: Source) -> list[str]:
     return list(dict.fromkeys([source.filename, stem, *source.aliases]))
 
 
+def _hf_endpoint() -> str:
+    """huggingface_hub's endpoint (``HF_ENDPOINT``), for messages."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover - depends on the environment
+        return "https://huggingface.co"
+    return str(constants.ENDPOINT)
+
+
 def _dir_note() -> str:
     folder = os.environ.get(WEIGHTS_DIR_ENV)
     return f"${WEIGHTS_DIR_ENV} ({folder})" if folder else f"${WEIGHTS_DIR_ENV} (not set)"
@@ -118,7 +127,7 @@ def resolve_source(source: Source, *, download: bool = True) -> Path:
     Raises:
         WeightsUnavailableError: Not found locally and the download failed, was refused or was corrupt.
     """
-    looked = [f"{_dir_note()} for {', '.join(_dir_stems(source))}"]
+    looked = [f"{_dir_note()} for {', '.join(_dir_stems(source))} (a stem with .safetensors, .pth, .pt or .bin)"]
     found = find_in_weights_dir(_dir_stems(source))
     if found is not None:
         return found
@@ -136,7 +145,7 @@ def _resolve_hf(source: Source, looked: list[str], download: bool) -> Path:
     try:
         from huggingface_hub import constants, errors, hf_hub_download, try_to_load_from_cache
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(f"fetching {source.describe()} needs huggingface_hub: pip install huggingface_hub") from e
+        raise ImportError(f"fetching {source.describe()} needs huggingface_hub: pip install 'effbackbone[hub]'") from e
     endpoint = constants.ENDPOINT
     looked.append(f"the Hugging Face cache {constants.HF_HUB_CACHE}")
     cached = try_to_load_from_cache(source.repo_id, source.repo_file)
@@ -266,7 +275,7 @@ def read_weights(
     resolved = resolve_weights(name, weights, tf_compat=tf_compat)
     label = f"weights file {resolved.path}"
     if resolved.source is not None:
-        label = f"{resolved.source.describe()}, file {resolved.path}"
+        label = f"{resolved.source.describe(_hf_endpoint())}, file {resolved.path}"
     try:
         sd = read_state_dict(resolved.path)
     except (WeightsError, OSError, RuntimeError) as e:
