@@ -6,6 +6,7 @@
 
 from effbackbone.arch import FAMILIES, VARIANTS, Family, StageSpec, Variant
 from effbackbone.factory import create_model, list_models, resolve_variant
+from effbackbone.hub import WeightsUnavailableError, lite_weights_path, resolve_weights
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.spec import FeatureSpec
 from effbackbone.weights import WeightsError, load_weights, read_state_dict
@@ -22,10 +23,13 @@ __all__ = [
     "StageSpec",
     "Variant",
     "WeightsError",
+    "WeightsUnavailableError",
     "__version__",
     "create_model",
+    "lite_weights_path",
     "list_models",
     "load_weights",
     "read_state_dict",
     "resolve_variant",
+    "resolve_weights",
 ]

@@ -11,9 +11,10 @@ from torch import Tensor
 
 from effbackbone.activations import set_memory_efficient
 from effbackbone.arch import FAMILIES, VARIANTS, Variant
+from effbackbone.hub import read_weights
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.scaling import ALPHA, BETA, GAMMA, compound
-from effbackbone.weights import Layout, detect_layout, load_weights, read_state_dict, unwrap_state_dict
+from effbackbone.weights import Layout, WeightsError, detect_layout, load_weights
 
 # BatchNorm eps the torchvision models were trained with (not stored in the state dict).
 _TORCHVISION_EPS = {"b5": 1e-3, "b6": 1e-3, "b7": 1e-3, "v2_s": 1e-3, "v2_m": 1e-3, "v2_l": 1e-3}
@@ -115,8 +116,12 @@ def create_model(
 
     Args:
         name: ``b0``..``b7``, ``lite0``..``lite4``, ``v2_s``, ``v2_m``, ``v2_l``.
-        weights: A local ``.safetensors``/``.pth`` path or a state dict, in timm or torchvision
-            layout (detected from the keys). Nothing is downloaded.
+        weights: A local ``.safetensors``/``.pth`` path or a state dict, in timm, torchvision or
+            efficientnet-pytorch layout (detected from the keys); or a published source:
+            ``"imagenet"``, ``"timm/<arch>.<tag>"``, ``"hf-hub:<org>/<repo>"``, ``"torchvision"``,
+            ``"efficientnet-pytorch"``, looked for in ``$EFFBACKBONE_WEIGHTS_DIR`` and the caches, then
+            downloaded once (:mod:`effbackbone.hub`). TF-ported weights (``tf_*`` tags, the
+            efficientnet-pytorch layout) switch on ``tf_compat`` unless it is given.
         features_only: Return the pyramid levels (``dict[str, Tensor]``) instead of logits.
         out_indices: Which levels to return, 0..4 for C1..C5 (strides 2..32). Default: all.
         in_channels: Input channels; pretrained stems are adapted (option ``stem_adapt``).
@@ -134,16 +139,21 @@ def create_model(
     Returns:
         The model, in train mode like any freshly built ``nn.Module``.
     """
-    sd = None
+    sd, label = None, ""
     if weights is not None:
-        sd = read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else unwrap_state_dict(weights)
+        sd, label, tf_compat = read_weights(name, weights, options.get("tf_compat"))
+        if tf_compat and "tf_compat" not in options:
+            options["tf_compat"] = True
     cfg = make_config(
         name, in_channels=in_channels, output_stride=output_stride, drop_path_rate=drop_path_rate,
         layout=detect_layout(sd) if sd is not None else None, **options,
     )
     model = EfficientNet(cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes)
     if sd is not None:
-        load_weights(model, sd, options.get("stem_adapt", "repeat"))
+        try:
+            load_weights(model, sd, options.get("stem_adapt", "repeat"), adapt_padding=False)
+        except WeightsError as e:
+            raise WeightsError(f"{label} does not fit create_model({name!r}): {e}") from None
     if options.get("frozen_stages") or options.get("norm_eval"):
         model.freeze(int(options.get("frozen_stages", 0)), bool(options.get("norm_eval", False)))
     model.set_grad_checkpointing(bool(options.get("grad_checkpointing", False)))

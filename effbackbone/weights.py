@@ -1,8 +1,10 @@
-"""Loading published weights: timm and torchvision layouts, local files only.
+"""Loading published weights: timm, torchvision and efficientnet-pytorch layouts.
 
 Our module names are timm's, so a timm state dict loads as it is; torchvision's positional keys
 (``features.3.1.block.2.fc1.weight``) go through the short rename table :data:`TORCHVISION_RENAMES`,
-applied block by block. Nothing is downloaded: pass a path or a state dict.
+applied block by block, and efficientnet-pytorch's flat ``_blocks.N._depthwise_conv`` keys through
+:data:`EFFICIENTNET_PYTORCH_RENAMES`. This module reads files and state dicts; finding or
+downloading a published file is :mod:`effbackbone.hub`'s job.
 """
 
 from __future__ import annotations
@@ -11,16 +13,21 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from effbackbone.layers import adapt_stem_weight
+from effbackbone.layers import Conv2dSame, adapt_stem_weight
+from effbackbone.model import EfficientNet
 
-Layout = Literal["timm", "torchvision"]
+Layout = Literal["timm", "torchvision", "efficientnet_pytorch"]
 StateDict = dict[str, Tensor]
+# Padding a layout implies (True: TF "same" + BN eps 1e-3). efficientnet-pytorch (lukemelas) only holds
+# TF ports; torchvision runs every checkpoint with symmetric padding; timm has both, so the source decides.
+LAYOUT_TF_COMPAT: dict[str, bool] = {"efficientnet_pytorch": True, "torchvision": False}
 
 # torchvision block-internal key -> ours (timm's), per block class. Stem, head and classifier are
 # handled by TORCHVISION_OUTER.
@@ -38,6 +45,21 @@ TORCHVISION_RENAMES: dict[str, dict[str, str]] = {
     "ConvBlock": {"block.0.0": "conv", "block.0.1": "bn1"},
 }
 # Lite-style MBConv without SE shifts torchvision's indices; not needed: torchvision has no Lite.
+
+# efficientnet-pytorch (github.com/lukemelas/EfficientNet-PyTorch) block-internal names -> ours, per
+# block class; its blocks are numbered flat (``_blocks.0`` .. ``_blocks.15`` for B0).
+EFFICIENTNET_PYTORCH_RENAMES: dict[str, dict[str, str]] = {
+    "DepthwiseSeparable": {
+        "_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand",
+        "_project_conv": "conv_pw", "_bn2": "bn2",
+    },
+    "MBConv": {
+        "_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+        "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl", "_bn2": "bn3",
+    },
+}
+EFFICIENTNET_PYTORCH_OUTER = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+                              "_fc": "classifier"}
 
 
 class WeightsError(ValueError):
@@ -85,15 +107,18 @@ def unwrap_state_dict(obj: object, source: str = "state dict") -> StateDict:
 
 
 def detect_layout(sd: Mapping[str, Tensor]) -> Layout:
-    """Tell a timm (or our own) state dict from a torchvision one by its key names."""
+    """Tell the layout of a state dict by its key names: timm (and ours), torchvision or efficientnet-pytorch."""
     if "conv_stem.weight" in sd:
         return "timm"
     if "features.0.0.weight" in sd:
         return "torchvision"
+    if "_conv_stem.weight" in sd:
+        return "efficientnet_pytorch"
     sample = ", ".join(list(sd)[:5])
     raise WeightsError(
         f"unrecognised weight layout (first keys: {sample}); expected timm/effbackbone keys "
-        "('conv_stem.weight', 'blocks.0.0...') or torchvision keys ('features.0.0.weight', ...)"
+        "('conv_stem.weight', 'blocks.0.0...'), torchvision keys ('features.0.0.weight', ...) or "
+        "efficientnet-pytorch keys ('_conv_stem.weight', '_blocks.0._depthwise_conv.weight', ...)"
     )
 
 
@@ -129,24 +154,100 @@ def torchvision_to_timm(sd: Mapping[str, Tensor], model: nn.Module) -> StateDict
     return out
 
 
+def _full_blocks(model: nn.Module) -> nn.Module:
+    """Every stage of ``model``'s configuration (a meta-device copy when stages were dropped)."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return model.blocks  # type: ignore[attr-defined,no-any-return]
+    with torch.device("meta"):
+        return EfficientNet(cfg, features_only=True).blocks
+
+
+def efficientnet_pytorch_to_timm(sd: Mapping[str, Tensor], model: nn.Module) -> StateDict:
+    """Rename an efficientnet-pytorch ("lukemelas") state dict to our (timm) names.
+
+    Its flat ``_blocks.N`` are numbered stage after stage, as ours; the block class at each position
+    picks the rename table (:data:`EFFICIENTNET_PYTORCH_RENAMES`). Stages come from ``model.cfg``, so
+    an encoder whose last stages were dropped (smp ``encoder_depth`` < 5) maps the same way.
+    """
+    flat = [(s, j, type(b).__name__) for s, stage in enumerate(_full_blocks(model)) for j, b in enumerate(stage)]
+    out: StateDict = {}
+    for key, value in sd.items():
+        outer, _, rest = key.partition(".")
+        if outer in EFFICIENTNET_PYTORCH_OUTER:
+            out[f"{EFFICIENTNET_PYTORCH_OUTER[outer]}.{rest}"] = value
+        elif m := re.match(r"_blocks\.(\d+)\.(_\w+)\.(.+)", key):
+            n, inner, param = int(m[1]), m[2], m[3]
+            table = EFFICIENTNET_PYTORCH_RENAMES.get(flat[n][2], {}) if n < len(flat) else {}
+            if inner not in table:
+                out[key] = value  # reported as unexpected by the strict check
+                continue
+            out[f"blocks.{flat[n][0]}.{flat[n][1]}.{table[inner]}.{param}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def to_tf_compat(model: nn.Module) -> nn.Module:
+    """Switch a built model to what TF-ported weights need, in place: TF "same" padding, BN eps 1e-3.
+
+    Equal to building it with ``tf_compat=True``: strided convolutions become :class:`Conv2dSame`
+    (sharing their parameters), every BatchNorm takes eps 1e-3 and momentum 0.01, and ``model.cfg``
+    records it. Used where a model exists before its weights are known (smp builds the encoder first).
+    """
+    for parent in list(model.modules()):
+        for child_name, conv in list(parent.named_children()):
+            if type(conv) is nn.Conv2d and conv.stride[0] > 1:
+                with torch.device("meta"):
+                    same = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size[0], conv.stride[0],
+                                      conv.dilation[0], conv.groups, conv.bias is not None)
+                same.weight, same.bias = conv.weight, conv.bias
+                same.train(conv.training)
+                setattr(parent, child_name, same)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps, m.momentum = 1e-3, 0.01
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None:
+        model.cfg = replace(cfg, padding="same", bn_eps=1e-3, bn_momentum=0.01)
+    return model
+
+
+def to_timm_layout(sd: Mapping[str, Tensor], model: nn.Module) -> StateDict:
+    """Rename a torchvision or efficientnet-pytorch state dict to ours (a timm one is returned as it is)."""
+    layout = detect_layout(sd)
+    if layout == "torchvision":
+        return torchvision_to_timm(sd, model)
+    if layout == "efficientnet_pytorch":
+        return efficientnet_pytorch_to_timm(sd, model)
+    return dict(sd)
+
+
 def load_weights(
-    model: nn.Module, weights: str | os.PathLike[str] | Mapping[str, Tensor], stem_adapt: str = "repeat"
+    model: nn.Module, weights: str | os.PathLike[str] | Mapping[str, Tensor], stem_adapt: str = "repeat",
+    *, adapt_padding: bool = True,
 ) -> list[str]:
-    """Load timm- or torchvision-layout weights into ``model``, strictly.
+    """Load timm-, torchvision- or efficientnet-pytorch-layout weights into ``model``, strictly.
 
     Head and classifier weights are dropped for a ``features_only`` model; a classifier of another
     size is skipped with a warning (fine-tuning to new classes); a 3-channel stem is adapted to the
     model's ``in_channels`` with ``stem_adapt`` (see :func:`effbackbone.layers.adapt_stem_weight`).
+    With ``adapt_padding``, a layout that implies TF padding (efficientnet-pytorch) switches a
+    symmetric-padding model to it (:func:`to_tf_compat`).
 
     Returns:
         The keys of the checkpoint that were deliberately not loaded.
 
     Raises:
-        WeightsError: Keys are missing or unexpected, or shapes differ; the message lists them.
+        WeightsError: Keys are missing or unexpected, or shapes differ; the message lists them and
+            names the detected layout.
     """
     sd = read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else unwrap_state_dict(weights)
-    if detect_layout(sd) == "torchvision":
-        sd = torchvision_to_timm(sd, model)
+    layout = detect_layout(sd)
+    sd = to_timm_layout(sd, model)
+    cfg = getattr(model, "cfg", None)
+    if adapt_padding and LAYOUT_TF_COMPAT.get(layout) and cfg is not None and cfg.padding != "same":
+        to_tf_compat(model)
     target = model.state_dict()
     skipped: list[str] = []
     for key in list(sd):
@@ -171,13 +272,16 @@ def load_weights(
         sd["conv_stem.weight"] = target["conv_stem.weight"] if stem_adapt == "random" else adapt_stem_weight(
             stem, want, stem_adapt
         )
-    check_state_dict(sd, target)
+    check_state_dict(sd, target, layout=layout)
     model.load_state_dict(sd, strict=True)
     return skipped
 
 
-def check_state_dict(sd: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> None:
-    """Raise :class:`WeightsError` listing missing/unexpected keys and shape mismatches."""
+def check_state_dict(sd: Mapping[str, Tensor], target: Mapping[str, Tensor], *, layout: str | None = None) -> None:
+    """Raise :class:`WeightsError` listing missing/unexpected keys and shape mismatches.
+
+    ``layout`` (the checkpoint's detected layout) is named in the message.
+    """
     missing = [k for k in target if k not in sd]
     unexpected = [k for k in sd if k not in target]
     shapes = [
@@ -198,7 +302,8 @@ def check_state_dict(sd: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> 
         parts.append(f"{len(unexpected)} unexpected keys: {fmt(unexpected)}")
     if shapes:
         parts.append(f"{len(shapes)} shape mismatches: {fmt(shapes)}")
+    found = f" ({layout} layout)" if layout else ""
     raise WeightsError(
-        "weights do not fit this model: " + "; ".join(parts)
+        f"weights{found} do not fit this model: " + "; ".join(parts)
         + ". Check that the variant name matches the checkpoint (e.g. b3 weights need create_model('b3'))"
     )

@@ -6,12 +6,16 @@ uses B7) and swaps the backbone name for our timm entrypoint ``effbackbone_bN`` 
 ``tf_compat=True`` (TF "same" padding, BN eps 1e-3), exactly as effdet builds ``tf_efficientnet_bN``.
 The result is effdet's own ``EfficientDet`` module with identical state-dict keys and parameter
 counts, so effdet's COCO checkpoints load unchanged and ``DetBenchTrain``/``DetBenchPredict`` work.
+``pretrained="coco"`` fetches effdet's published checkpoint of the model (its config's ``url``, hash-checked,
+cached by torch.hub; base URL ``$EFFBACKBONE_EFFDET_BASE_URL``) through :mod:`effbackbone.hub`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 from effdet import DetBenchPredict, DetBenchTrain, EfficientDet, get_efficientdet_config
@@ -20,6 +24,8 @@ from torch import Tensor, nn
 
 import effbackbone.integrations.timm as _timm
 from effbackbone.arch import VARIANTS
+from effbackbone.hub import read_weights, resolve_source
+from effbackbone.sources import Source, base_url
 from effbackbone.weights import WeightsError, check_state_dict, load_weights, read_state_dict
 
 EFFICIENTDET_NAMES = ("d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x")
@@ -83,10 +89,39 @@ def _detection_state_dict(path: str | os.PathLike[str] | dict[str, Tensor]) -> d
     return sd
 
 
+def coco_checkpoint(name: str = "d0") -> Path:
+    """The local file of effdet's COCO checkpoint for EfficientDet-``name``, downloaded once if needed.
+
+    The file name (with its SHA-256 prefix, e.g. ``tf_efficientdet_d0_34-f153e0cf.pth``) is the one in
+    effdet's ``tf_efficientdet_<name>`` config; it is looked for in ``$EFFBACKBONE_WEIGHTS_DIR``, then in
+    torch.hub's cache, then downloaded from ``$EFFBACKBONE_EFFDET_BASE_URL`` (effdet's release by default)
+    with its hash checked.
+    """
+    key = _key(name)
+    filename = get_efficientdet_config(f"tf_efficientdet_{key}").url.rsplit("/", 1)[-1]
+    return resolve_source(Source("coco", f"EfficientDet-{key}", filename, url=base_url("effdet") + filename))
+
+
+def _load_backbone(model: nn.Module, weights: str | os.PathLike[str] | dict[str, Tensor], tf_compat: bool) -> None:
+    """ImageNet weights for the encoder: a file, a state dict or a source name (``"imagenet"`` picks the padding)."""
+    variant = model.config.backbone_name.removeprefix(_timm.PREFIX)
+    sd, label, implied = read_weights(variant, weights, tf_compat)
+    if implied is not None and implied != tf_compat:
+        raise ValueError(
+            f"{label} needs tf_compat={implied} ({'TF' if implied else 'symmetric'} padding); "
+            f"build the detector with tf_compat={implied}"
+        )
+    try:
+        load_weights(model.backbone, sd, adapt_padding=False)
+    except WeightsError as e:
+        raise WeightsError(f"{label} does not fit the {variant} backbone: {e}") from None
+
+
 def create_efficientdet(
     name: str = "d0",
     num_classes: int = 90,
     *,
+    pretrained: Literal["coco"] | None = None,
     backbone_weights: str | os.PathLike[str] | dict[str, Tensor] | None = None,
     pretrained_path: str | os.PathLike[str] | dict[str, Tensor] | None = None,
     bench_task: Literal["train", "predict"] | None = None,
@@ -100,9 +135,13 @@ def create_efficientdet(
     Args:
         name: ``d0``..``d7``, ``d7x``, or EfficientDet-Lite ``lite0``..``lite4``, ``lite3x``.
         num_classes: Detection classes; a checkpoint with another class count is loaded first and
-            the class head then reset (as effdet does).
-        backbone_weights: ImageNet weights for the encoder (local file or state dict, timm or
-            torchvision layout; with ``tf_compat=True`` use TF-ported ``tf_efficientnet_bN`` weights).
+            the class head then re-initialised (BiFPN and box head kept), with a warning.
+        pretrained: ``"coco"``: effdet's published COCO checkpoint of this model (:func:`coco_checkpoint`);
+            needs the default backbone and ``tf_compat=True``.
+        backbone_weights: ImageNet weights for the encoder: a source name (``"imagenet"`` takes the
+            TF port with ``tf_compat=True``, the PyTorch-trained weights with ``tf_compat=False``; see
+            :mod:`effbackbone.sources`), a local file or a state dict (timm, torchvision or
+            efficientnet-pytorch layout; the padding must match ``tf_compat``).
         pretrained_path: A whole-detector effdet checkpoint (e.g. ``tf_efficientdet_d0_34-f153e0cf.pth``),
             plain or saved from a bench.
         bench_task: ``"train"`` wraps in ``DetBenchTrain`` (forward(images, target) -> losses),
@@ -118,6 +157,15 @@ def create_efficientdet(
     """
     if bench_task not in (None, "train", "predict"):
         raise ValueError(f"bench_task must be None, 'train' or 'predict', got {bench_task!r}")
+    if pretrained is not None:
+        if pretrained != "coco":
+            raise ValueError(f"pretrained must be None or 'coco', got {pretrained!r}")
+        if pretrained_path is not None or backbone is not None or not tf_compat:
+            raise ValueError(
+                "pretrained='coco' loads effdet's checkpoint of this exact model: drop pretrained_path, backbone and "
+                "tf_compat=False (or pass pretrained_path= for another checkpoint)"
+            )
+        pretrained_path = coco_checkpoint(name)
     sd = _detection_state_dict(pretrained_path) if pretrained_path is not None else None
     config = efficientdet_config(
         name, num_classes=num_classes, image_size=image_size, tf_compat=tf_compat, backbone=backbone, **overrides
@@ -127,7 +175,7 @@ def create_efficientdet(
         config.num_classes = sd[_HEAD + "weight"].shape[0] // anchors
     model = EfficientDet(config, pretrained_backbone=False)
     if backbone_weights is not None:
-        load_weights(model.backbone, backbone_weights)
+        _load_backbone(model, backbone_weights, tf_compat)
     if sd is not None:
         try:
             check_state_dict(sd, model.state_dict())
@@ -135,6 +183,11 @@ def create_efficientdet(
             raise WeightsError(f"{e}. The checkpoint must be an effdet tf_efficientdet_{_key(name)} one") from None
         model.load_state_dict(sd, strict=True)
     if model.config.num_classes != num_classes:
+        warnings.warn(
+            f"EfficientDet-{_key(name)}: the checkpoint's class head has {model.config.num_classes} classes; "
+            f"re-initialised it for num_classes={num_classes} (BiFPN and box head kept)",
+            stacklevel=2,
+        )
         model.reset_head(num_classes=num_classes)
     if bench_task == "train":
         return DetBenchTrain(model, create_labeler=True)
@@ -144,5 +197,6 @@ def create_efficientdet(
 
 
 __all__ = [
-    "EFFICIENTDET_LITE_NAMES", "EFFICIENTDET_NAMES", "PAPER_PARAMS_M", "create_efficientdet", "efficientdet_config",
+    "EFFICIENTDET_LITE_NAMES", "EFFICIENTDET_NAMES", "PAPER_PARAMS_M", "coco_checkpoint", "create_efficientdet",
+    "efficientdet_config",
 ]

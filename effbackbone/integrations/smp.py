@@ -12,11 +12,13 @@ then strides 2, 4, .., 2**depth (our C1..C5, the same tensors as timm's ``featur
 ``out_channels`` starts with the input channels. ``depth`` < 5 drops the unused stages, so DDP sees
 no parameter without a gradient. ``output_stride`` 8/16 dilates natively, like timm and DeepLab.
 
-``encoder_weights`` never downloads: ``"imagenet"`` looks for a local file (see
-:func:`find_imagenet_weights`), and a path (``encoder_weights="/ckpt/b0.safetensors"``) is used as
-it is. smp reads weights through ``huggingface_hub.hf_hub_download``, so the file is linked into the
-Hugging Face cache under a content-derived commit hash, which that function returns without any
-network access.
+``encoder_weights="imagenet"`` (and any other source name, e.g. ``"torchvision"``) resolves as
+``create_model(weights=...)`` does (:mod:`effbackbone.hub`: ``$EFFBACKBONE_WEIGHTS_DIR``, the caches,
+then one download); a path (``encoder_weights="/ckpt/b0.safetensors"``) is used as it is. smp reads
+weights through ``huggingface_hub.hf_hub_download``, so the file is then linked into the Hugging Face
+cache under a content-derived commit hash, which that function returns without any network access.
+smp builds the encoder before it knows the weights: TF-ported weights carry a marker key that makes the
+encoder switch to TF padding when they load.
 """
 
 from __future__ import annotations
@@ -37,9 +39,20 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from effbackbone.arch import VARIANTS
 from effbackbone.factory import _TORCHVISION_EPS, create_model
+from effbackbone.hub import WeightsUnavailableError, find_in_weights_dir, resolve_weights
 from effbackbone.layers import Conv2dSame, adapt_stem_weight
 from effbackbone.model import EfficientNet
-from effbackbone.weights import detect_layout, load_weights, read_state_dict, torchvision_to_timm, unwrap_state_dict
+from effbackbone.sources import is_source
+from effbackbone.weights import (
+    LAYOUT_TF_COMPAT,
+    detect_layout,
+    efficientnet_pytorch_to_timm,
+    load_weights,
+    read_state_dict,
+    to_tf_compat,
+    torchvision_to_timm,
+    unwrap_state_dict,
+)
 
 try:
     from segmentation_models_pytorch.encoders import encoders as _SMP_ENCODERS
@@ -53,6 +66,8 @@ PREFIX = "effbackbone-"
 WEIGHTS_DIR_ENV = "EFFBACKBONE_WEIGHTS_DIR"
 _SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 _LOCAL_REPO = "effbackbone-local/weights"
+# Key added to a staged file of TF-ported weights: the encoder, built before smp loads them, switches to TF padding.
+TF_MARKER = "effbackbone.tf_compat"
 # Options fixed by smp's get_encoder / by the encoder itself; they cannot go into params.
 _RESERVED = frozenset({"features_only", "out_indices", "in_channels", "num_classes", "depth", "output_stride"})
 
@@ -191,6 +206,11 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
         if any(k.startswith("model.") for k in state_dict):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         sd = unwrap_state_dict(state_dict)
+        marked = sd.pop(TF_MARKER, None) is not None
+        if (marked or LAYOUT_TF_COMPAT.get(detect_layout(sd))) and self.model.cfg.padding != "same":
+            to_tf_compat(self.model)
+        if detect_layout(sd) == "efficientnet_pytorch":
+            sd = efficientnet_pytorch_to_timm(sd, self.model)  # before stages are dropped: it numbers blocks flat
         if detect_layout(sd) == "torchvision":
             # BN eps is not in the state dict; torchvision trained B5-B7 and V2 with 1e-3.
             eps = _TORCHVISION_EPS.get(self._variant)
@@ -222,7 +242,7 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
         return {k: v for k, v in sd.items() if keep(k)}
 
 
-# -- weights: local files only ---------------------------------------------------------------------
+# -- weights: effbackbone.hub's resolution, staged for smp ------------------------------------------------
 def _candidate_stems(name: str, variant: str | None) -> list[str]:
     stems = [name, name.removeprefix(PREFIX)]
     if variant is not None:
@@ -230,52 +250,36 @@ def _candidate_stems(name: str, variant: str | None) -> list[str]:
     return list(dict.fromkeys(stems))
 
 
-def find_imagenet_weights(name: str, variant: str | None = None) -> Path | None:
-    """A local ImageNet checkpoint for ``name``, or ``None``. Nothing is downloaded.
+def find_imagenet_weights(name: str, variant: str | None = None, tf_compat: bool | None = None) -> Path | None:
+    """The local file ``encoder_weights="imagenet"`` would use for ``name``, or ``None``. Nothing is downloaded.
 
-    Looked up in order:
-
-    1. ``$EFFBACKBONE_WEIGHTS_DIR/<stem><suffix>`` with stem ``effbackbone-b0``, ``b0`` or
-       ``efficientnet_b0`` and suffix ``.safetensors``, ``.pth``, ``.pt`` or ``.bin``.
-    2. torchvision's download cache: ``$TORCH_HOME/hub/checkpoints/efficientnet_b0_*.pth``
-       (``efficientnet_v2_s-*.pth`` for V2).
-    3. timm's Hugging Face cache: ``models--timm--efficientnet_b0.*/snapshots/*/model.safetensors``
-       (timm's PyTorch-trained B0-B5 and Lite0; its ``tf_*`` weights need ``tf_compat=True``, see
-       :func:`register_custom`).
+    With ``variant``: :func:`effbackbone.hub.resolve_weights` without its download step
+    (``$EFFBACKBONE_WEIGHTS_DIR``, an installed Lite weights package, the Hugging Face cache of the
+    variant's timm repo). Without (custom names): ``$EFFBACKBONE_WEIGHTS_DIR/<name><suffix>`` only.
     """
-    env = os.environ.get(WEIGHTS_DIR_ENV)
-    if env:
-        for stem in _candidate_stems(name, variant):
-            for suffix in _SUFFIXES:
-                path = Path(env).expanduser() / f"{stem}{suffix}"
-                if path.is_file():
-                    return path
     if variant is None:
+        return find_in_weights_dir(_candidate_stems(name, None))
+    try:
+        return resolve_weights(variant, "imagenet", tf_compat=tf_compat, download=False).path
+    except WeightsUnavailableError:
         return None
-    tv_name = f"efficientnet_{variant}"  # torchvision's names: efficientnet_b0, efficientnet_v2_s
-    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
-    found = sorted(checkpoints.glob(f"{tv_name}_*.pth")) + sorted(checkpoints.glob(f"{tv_name}-*.pth"))
-    if found:
-        return found[0]
-    from huggingface_hub import constants
-
-    pattern = f"models--timm--efficientnet_{variant}.*/snapshots/*/model.safetensors"
-    found = sorted(Path(constants.HF_HUB_CACHE).glob(pattern))
-    return found[0] if found else None
 
 
-def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> dict[str, str]:
+def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float], tf_compat: bool = False) -> dict[str, str]:
     """Make ``path`` loadable by smp's ``get_encoder`` offline; returns smp ``pretrained_settings``.
 
     The file is linked (``.safetensors``) or converted (pickle formats) into the Hugging Face cache
-    at revision ``sha1(path, size, mtime, mean, std)``; ``hf_hub_download`` returns a cached file at a commit
-    hash without contacting the Hub, and a changed file gets a new revision.
+    at revision ``sha1(path, size, mtime, mean, std, tf_compat)``; ``hf_hub_download`` returns a cached file at a
+    commit hash without contacting the Hub, and a changed file gets a new revision. ``tf_compat`` adds
+    :data:`TF_MARKER` to the staged copy.
     """
     from huggingface_hub import constants
 
-    path = path.expanduser().resolve()
-    stat = path.stat()
-    key = f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{list(mean)}|{list(std)}"
+    # The file's own name tells its format; a Hugging Face cache entry links to a blob named by its hash.
+    path = path.expanduser().absolute()
+    real = path.resolve()
+    stat = real.stat()
+    key = f"{real}|{stat.st_size}|{stat.st_mtime_ns}|{list(mean)}|{list(std)}" + ("|tf" if tf_compat else "")
     revision = hashlib.sha1(key.encode()).hexdigest()
     folder = Path(constants.HF_HUB_CACHE) / ("models--" + _LOCAL_REPO.replace("/", "--")) / "snapshots" / revision
     try:
@@ -290,16 +294,19 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> di
     if not target.exists():
         tmp = folder / f".model.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" and not tf_compat:
             try:
-                tmp.symlink_to(path)
+                tmp.symlink_to(real)
             except OSError:  # no symlinks (e.g. Windows without developer mode)
-                shutil.copyfile(path, tmp)
+                shutil.copyfile(real, tmp)
         else:
             from safetensors.torch import save_file
 
             # clone: safetensors refuses tensors that share storage (tied or sliced views).
-            save_file({k: v.detach().clone().contiguous() for k, v in read_state_dict(path).items()}, str(tmp))
+            tensors = {k: v.detach().clone().contiguous() for k, v in read_state_dict(path).items()}
+            if tf_compat:
+                tensors[TF_MARKER] = torch.ones(())
+            save_file(tensors, str(tmp))
         os.replace(tmp, target)  # atomic: concurrent ranks never see a half-written file
     config = folder / "config.json"
     if not config.exists():
@@ -311,10 +318,13 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> di
 
 
 class LocalWeights(Mapping[str, dict[str, str]]):
-    """smp ``pretrained_settings`` that resolve ``"imagenet"`` or a file path to a local file."""
+    """smp ``pretrained_settings`` that resolve ``"imagenet"``, another source name or a file path to a local file."""
 
-    def __init__(self, name: str, variant: str | None, unit_range: bool = False) -> None:
-        self.name, self.variant = name, variant
+    def __init__(
+        self, name: str, variant: str | None, unit_range: bool = False, tf_compat: bool | None = None,
+        custom: bool = False,
+    ) -> None:
+        self.name, self.variant, self.tf_compat, self.custom = name, variant, tf_compat, custom
         # The TF ports of Lite and V2 (timm tf_*) expect [-1, 1] inputs; the PyTorch-trained timm and
         # torchvision checkpoints that the built-in names find, ImageNet mean/std.
         self.mean = (0.5, 0.5, 0.5) if unit_range else (0.485, 0.456, 0.406)
@@ -327,24 +337,43 @@ class LocalWeights(Mapping[str, dict[str, str]]):
         return 1
 
     def __contains__(self, key: object) -> bool:
-        return key == "imagenet" or key is True or _is_path_like(key)
+        return key == "imagenet" or key is True or _is_path_like(key) or is_source(key)
 
     def __getitem__(self, key: object) -> dict[str, str]:
-        if key == "imagenet" or key is True:
-            path = find_imagenet_weights(self.name, self.variant)
-            if path is None:
-                raise FileNotFoundError(
-                    f"no local ImageNet weights for {self.name!r} (nothing is downloaded). Put a timm or "
-                    f"torchvision checkpoint at ${WEIGHTS_DIR_ENV}/{self.name.removeprefix(PREFIX)}.safetensors "
-                    f"(or .pth), pass encoder_weights='/path/to/file.safetensors', or encoder_weights=None"
-                )
-        elif _is_path_like(key):
+        spec = "imagenet" if key is True else key
+        if isinstance(spec, str) and is_source(spec) and not Path(spec).expanduser().is_file():
+            return self._resolve(spec)
+        if _is_path_like(key):
             path = Path(os.fspath(key)).expanduser()  # type: ignore[arg-type]
             if not path.is_file():
                 raise FileNotFoundError(f"encoder_weights file not found: {path} (pass an existing local file)")
         else:
             raise KeyError(key)
         return stage_weights(path, self.mean, self.std)
+
+    def _resolve(self, spec: str) -> dict[str, str]:
+        """A source name: :func:`effbackbone.hub.resolve_weights` (weights dir, caches, download).
+
+        A :func:`register_custom` name first looks for ``$EFFBACKBONE_WEIGHTS_DIR/<name>.*``; a compound-scaled
+        one (``phi``...) has no published weights.
+        """
+        if self.custom:
+            path = find_in_weights_dir(_candidate_stems(self.name, None))
+            if path is not None:
+                return stage_weights(path, self.mean, self.std)
+        if self.variant is None:
+            raise FileNotFoundError(
+                f"no local ImageNet weights for {self.name!r} (compound-scaled models have no published ones): put "
+                f"a checkpoint at ${WEIGHTS_DIR_ENV}/{self.name.removeprefix(PREFIX)}.safetensors (or .pth), pass "
+                f"encoder_weights='/path/to/file.safetensors', or encoder_weights=None"
+            )
+        try:
+            resolved = resolve_weights(self.variant, spec, tf_compat=self.tf_compat)
+        except WeightsUnavailableError as e:
+            raise WeightsUnavailableError(f"{e}; in smp also encoder_weights=None (random init)") from None
+        source = resolved.source
+        assert source is not None  # a source name, not a path
+        return stage_weights(resolved.path, source.mean, source.std, tf_compat=bool(source.tf_compat))
 
 
 def _is_path_like(key: object) -> bool:
@@ -354,9 +383,11 @@ def _is_path_like(key: object) -> bool:
 
 
 # -- registration ----------------------------------------------------------------------------------
-def _entry(name: str, params: dict[str, Any], variant: str | None, unit_range: bool = False) -> dict[str, Any]:
-    return {"encoder": EffBackboneEncoder, "pretrained_settings": LocalWeights(name, variant, unit_range),
-            "params": params}
+def _entry(
+    name: str, params: dict[str, Any], variant: str | None, unit_range: bool = False, custom: bool = False
+) -> dict[str, Any]:
+    weights = LocalWeights(name, variant, unit_range, params.get("tf_compat") if custom else None, custom)
+    return {"encoder": EffBackboneEncoder, "pretrained_settings": weights, "params": params}
 
 
 def register() -> list[str]:
@@ -386,7 +417,8 @@ def register_custom(name: str, variant: str = "b0", **options: Any) -> str:
     with torch.device("meta"):
         probe = EffBackboneEncoder(variant, **{k: v for k, v in options.items() if k != "weights"})
     unit_range = bool(options.get("tf_compat")) and probe.model.cfg.variant.family != "efficientnet"
-    _SMP_ENCODERS[name] = _entry(name, {"variant": variant, **options}, None, unit_range)
+    scaled = any(k in options for k in ("phi", "alpha", "beta", "gamma"))
+    _SMP_ENCODERS[name] = _entry(name, {"variant": variant, **options}, None if scaled else variant, unit_range, True)
     return name
 
 

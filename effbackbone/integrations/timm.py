@@ -3,9 +3,10 @@
 Importing this module registers ``effbackbone_b0`` .. ``effbackbone_b7``, ``effbackbone_lite0`` ..
 ``effbackbone_lite4`` and ``effbackbone_v2_s|m|l`` (idempotent; :func:`register` does the same).
 Models are built through timm's ``build_model_with_cfg``, so ``features_only``/``out_indices``,
-``pretrained=True`` with ``pretrained_cfg_overlay=dict(file=...)`` (local files only, timm- or
-torchvision-layout keys), ``in_chans`` stem adaptation and ``num_classes`` head resets behave as for
-timm's own EfficientNets. Module names equal timm's, so state dicts are interchangeable.
+``pretrained=True`` (the variant's ``"imagenet"`` weights, resolved by :mod:`effbackbone.hub`: local
+folder, caches, then one download) or with ``pretrained_cfg_overlay=dict(file=...)`` (timm-, torchvision-
+or efficientnet-pytorch-layout keys), ``in_chans`` stem adaptation and ``num_classes`` head resets behave
+as for timm's own EfficientNets. Module names equal timm's, so state dicts are interchangeable.
 
 Extra keyword arguments are :func:`effbackbone.create_model` options: ``tf_compat=True`` (TF "same"
 padding and BN eps 1e-3, for ``tf_*`` weights), ``bn_eps``, ``padding``, ``phi``, ``output_stride``,
@@ -29,8 +30,16 @@ from torch import Tensor, nn
 
 from effbackbone.arch import VARIANTS
 from effbackbone.factory import make_config
+from effbackbone.hub import resolve_weights
 from effbackbone.model import EfficientNet, ModelConfig
-from effbackbone.weights import check_state_dict, detect_layout, torchvision_to_timm
+from effbackbone.weights import (
+    LAYOUT_TF_COMPAT,
+    check_state_dict,
+    detect_layout,
+    efficientnet_pytorch_to_timm,
+    to_tf_compat,
+    torchvision_to_timm,
+)
 
 PREFIX = "effbackbone_"
 MODEL_NAMES: tuple[str, ...] = tuple(PREFIX + key for key in VARIANTS)
@@ -210,15 +219,21 @@ def _build(
 
 
 def _filter_state_dict(
-    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, set_eps: bool
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, set_eps: bool, set_padding: bool = False
 ) -> dict[str, Tensor]:
-    """Make a checkpoint fit: torchvision keys renamed to ours, head dropped for feature models.
+    """Make a checkpoint fit: torchvision / efficientnet-pytorch keys renamed to ours, head dropped for feature models.
 
     torchvision trained some variants with BatchNorm eps 1e-3, which no state dict records; unless
-    the caller chose ``bn_eps``, the model takes that eps when it receives torchvision weights.
+    the caller chose ``bn_eps``, the model takes that eps when it receives torchvision weights. With
+    ``set_padding`` (no ``tf_compat``/``padding`` given), a layout that implies TF padding switches the model to it.
     """
     sd = dict(state_dict)
-    if detect_layout(sd) == "torchvision":
+    layout = detect_layout(sd)
+    if set_padding and LAYOUT_TF_COMPAT.get(layout) and isinstance(model, EfficientNet):
+        to_tf_compat(model)
+    if layout == "efficientnet_pytorch":
+        sd = efficientnet_pytorch_to_timm(sd, model)
+    if layout == "torchvision":
         sd = torchvision_to_timm(sd, model)
         eps = make_config(key, layout="torchvision").bn_eps
         if set_eps and isinstance(model, EfficientNet) and eps != model.cfg.bn_eps:
@@ -234,12 +249,29 @@ def _filter_state_dict(
     found = {k: v for k, v in sd.items() if not k.startswith("classifier.")}
     if "conv_stem.weight" in found and "conv_stem.weight" in target:
         found["conv_stem.weight"] = target["conv_stem.weight"]
-    check_state_dict(found, target)
+    check_state_dict(found, target, layout=layout)
     return sd
+
+
+def _resolve_pretrained(key: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``pretrained=True`` without a weights location: the variant's ``"imagenet"`` file, its padding and mean/std."""
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {})
+    if any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
+        return kwargs
+    resolved = resolve_weights(key, "imagenet", tf_compat=kwargs.get("tf_compat"))
+    source = resolved.source
+    assert source is not None  # "imagenet" is a source name
+    overlay.update(file=str(resolved.path), mean=source.mean, std=source.std)
+    kwargs = {**kwargs, "pretrained_cfg_overlay": overlay}
+    if source.tf_compat and "tf_compat" not in kwargs:
+        kwargs["tf_compat"] = True
+    return kwargs
 
 
 def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build through timm's builder (pretrained cfg, local weight files, feature wrappers)."""
+    if pretrained:
+        kwargs = _resolve_pretrained(key, kwargs)
     post = {k: kwargs.pop(k) for k in _POST_OPTIONS if k in kwargs}
     mode = ""
     if kwargs.pop("features_only", False):
@@ -258,7 +290,10 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         PREFIX + key,
         pretrained,
         features_only=mode == "cfg",
-        pretrained_filter_fn=partial(_filter_state_dict, key=key, set_eps="bn_eps" not in kwargs),
+        pretrained_filter_fn=partial(
+            _filter_state_dict, key=key, set_eps="bn_eps" not in kwargs,
+            set_padding=not {"tf_compat", "padding"} & set(kwargs),
+        ),
         kwargs_filter=("num_classes", "global_pool") if mode == "cls" else None,
         **kwargs,
     )

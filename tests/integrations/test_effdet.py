@@ -114,7 +114,8 @@ def test_backbone_override():
 def test_bench_checkpoint_and_head_reset(tmp_path):
     ref = _reference("d0")
     bench_sd = {f"model.{k}": v for k, v in ref.state_dict().items()}
-    ours = create_efficientdet("d0", num_classes=3, image_size=SIZE, pretrained_path=bench_sd)
+    with pytest.warns(UserWarning, match="class head has 90 classes; re-initialised it for num_classes=3"):
+        ours = create_efficientdet("d0", num_classes=3, image_size=SIZE, pretrained_path=bench_sd)
     assert ours.config.num_classes == 3
     assert ours.class_net.predict.conv_pw.out_channels == 3 * 9
     torch.testing.assert_close(ours.fpn.state_dict(), ref.fpn.state_dict())

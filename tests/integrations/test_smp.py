@@ -297,18 +297,19 @@ def test_imagenet_missing_is_a_clear_error() -> None:
         smp.Unet(B0, encoder_weights="advprop")
 
 
-def test_find_imagenet_weights_looks_in_torchvision_and_timm_caches(tmp_path: Path, offline: Path) -> None:
+def test_find_imagenet_weights_looks_in_the_imagenet_sources_cache(tmp_path: Path, offline: Path) -> None:
     assert plugin.find_imagenet_weights(B0, "b0") is None
-    hub = offline / "models--timm--efficientnet_b0.ra_in1k" / "snapshots" / "abc"
-    hub.mkdir(parents=True)
-    (hub / "model.safetensors").touch()
-    assert plugin.find_imagenet_weights(B0, "b0") == hub / "model.safetensors"
+    repo = offline / "models--timm--efficientnet_b0.ra_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc")
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / "model.safetensors").touch()
+    assert plugin.find_imagenet_weights(B0, "b0") == repo / "snapshots" / "abc" / "model.safetensors"
+    # torchvision's cached file is the "torchvision" source's, not "imagenet"'s: the same name always means
+    # the same weights (timm's efficientnet_b1.ft_in1k here), wherever they were found.
     checkpoints = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
-    (checkpoints / "efficientnet_v2_s-dd5fe13b.pth").touch()
-    (checkpoints / "efficientnet_b0_rwightman-7f5810bc.pth").touch()
-    assert plugin.find_imagenet_weights(B0, "b0") == checkpoints / "efficientnet_b0_rwightman-7f5810bc.pth"
-    assert plugin.find_imagenet_weights("effbackbone-v2-s", "v2_s").name == "efficientnet_v2_s-dd5fe13b.pth"
+    (checkpoints / "efficientnet_b1-c27df63c.pth").touch()
     assert plugin.find_imagenet_weights("effbackbone-b1", "b1") is None
 
 
