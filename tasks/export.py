@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tasks.common.checkpoint_io import safe_torch_load
+from tasks.common.checkpoint_io import WEIGHT_SOURCES_OFF, safe_torch_load
 
 DEFAULT_CLASS = "tasks.segmentation.SegmentationTask"
 # Task class name -> "module:function" of its ONNX exporter (imported only when used).
@@ -40,7 +40,9 @@ def load_task(ckpt: str | Path) -> Any:  # noqa: ANN401 - the LightningModule na
     # The checkpoint picks the class; only ever instantiate a LightningModule from it.
     if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
         raise ValueError(f"{ckpt} names class {class_path!r}, which is not a LightningModule; refusing to load it")
-    return cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
+    # The checkpoint has every weight: do not fetch the starting weights named in its hyper-parameters.
+    off = {k: v for k, v in {**WEIGHT_SOURCES_OFF, "encoder_weights": None}.items() if k in hparams}
+    return cls.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True, **off).eval()
 
 
 def main(argv: list[str] | None = None) -> int:

