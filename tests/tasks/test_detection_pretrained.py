@@ -26,7 +26,8 @@ def test_task_starts_from_coco_and_its_checkpoint_loads_offline(tmp_path: Path, 
 
     loopback_only(monkeypatch)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    ref = effdet.create_model("tf_efficientdet_d0", pretrained=False, pretrained_backbone=False, image_size=(SIZE, SIZE))
+    size = (SIZE, SIZE)
+    ref = effdet.create_model("tf_efficientdet_d0", pretrained=False, pretrained_backbone=False, image_size=size)
     randomize_norms(ref)
     data = torch_bytes(ref.state_dict())
     name = hashed_name("tf_efficientdet_d0_task", data)
