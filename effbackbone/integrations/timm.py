@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -28,7 +27,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from effbackbone.arch import VARIANTS
-from effbackbone.factory import make_config
+from effbackbone.factory import ANY_MODULE_POST_OPTIONS, POST_OPTIONS, apply_post_options, make_config, weights_bn_eps
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.weights import check_state_dict, detect_layout, torchvision_to_timm
 
@@ -37,8 +36,6 @@ MODEL_NAMES: tuple[str, ...] = tuple(PREFIX + key for key in VARIANTS)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _HEAD_KEYS = ("conv_head.", "bn2.", "classifier.")
-# Options applied to the built model rather than to its config.
-_POST_OPTIONS = ("frozen_stages", "norm_eval", "grad_checkpointing", "channels_last")
 
 
 def _default_cfg(key: str) -> dict[str, Any]:
@@ -74,7 +71,8 @@ default_cfgs: dict[str, dict[str, Any]] = {PREFIX + key: _default_cfg(key) for k
 def _feature_info(model: EfficientNet) -> list[dict[str, Any]]:
     """The timm feature-info dicts (num_chs, reduction, module, stage) of every level C1..C5."""
     return [
-        {"num_chs": s.channels, "reduction": s.stride, "module": s.module, "stage": int(s.module.split(".")[1]) + 1}
+        # timm counts the stem as stage 0.
+        {"num_chs": s.channels, "reduction": s.stride, "module": s.module, "stage": s.stage + 1}
         for s in model.all_feature_specs
     ]
 
@@ -167,12 +165,9 @@ class TimmEfficientNet(EfficientNet):
     ) -> list[int]:
         """Drop the blocks after the last level in ``indices`` (and the head); return the kept indices."""
         take, max_index = feature_take_indices(len(self.stage_ends), indices)
-        keep = self.stage_ends[max_index]
-        if keep < len(self.blocks) or prune_head or prune_norm:
-            self.blocks = self.blocks[:keep]
-            self._stage_out = self._stage_out[:keep]
-            self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if self.stage_ends[max_index] < len(self.blocks) or prune_head or prune_norm:
+            self.truncate(max_index)
+            self.head_hidden_size = self.num_features
             self.reset_classifier(0, "")
         return take
 
@@ -210,7 +205,7 @@ def _build(
 
 
 def _filter_state_dict(
-    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, set_eps: bool
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, bn_eps: float | None
 ) -> dict[str, Tensor]:
     """Make a checkpoint fit: torchvision keys renamed to ours, head dropped for feature models.
 
@@ -220,12 +215,8 @@ def _filter_state_dict(
     sd = dict(state_dict)
     if detect_layout(sd) == "torchvision":
         sd = torchvision_to_timm(sd, model)
-        eps = make_config(key, layout="torchvision").bn_eps
-        if set_eps and isinstance(model, EfficientNet) and eps != model.cfg.bn_eps:
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eps = eps
-            model.cfg = replace(model.cfg, bn_eps=eps)
+        if isinstance(model, EfficientNet):
+            model.set_bn_eps(weights_bn_eps(key, "torchvision", bn_eps=bn_eps))
     if not hasattr(model, "conv_head"):
         sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
     # Fail with our key/shape report rather than torch's list of hundreds of keys. timm adapts the
@@ -240,13 +231,14 @@ def _filter_state_dict(
 
 def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build through timm's builder (pretrained cfg, local weight files, feature wrappers)."""
-    post = {k: kwargs.pop(k) for k in _POST_OPTIONS if k in kwargs}
+    post = {k: kwargs.pop(k) for k in POST_OPTIONS if k in kwargs}
     mode = ""
     if kwargs.pop("features_only", False):
         mode = "cfg" if ("feature_cfg" in kwargs or "feature_cls" in kwargs) else "cls"
-    if mode == "cfg" and set(post) - {"channels_last"}:
+    ours_only = sorted(set(post) - set(ANY_MODULE_POST_OPTIONS))
+    if mode == "cfg" and ours_only:
         raise TypeError(
-            f"{sorted(set(post) - {'channels_last'})} apply to our own model classes: use features_only=True "
+            f"{ours_only} apply to our own model classes: use features_only=True "
             "without feature_cls/feature_cfg, or set them on the model before wrapping"
         )
     if mode == "cfg":
@@ -258,20 +250,14 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         PREFIX + key,
         pretrained,
         features_only=mode == "cfg",
-        pretrained_filter_fn=partial(_filter_state_dict, key=key, set_eps="bn_eps" not in kwargs),
+        pretrained_filter_fn=partial(_filter_state_dict, key=key, bn_eps=kwargs.get("bn_eps")),
         kwargs_filter=("num_classes", "global_pool") if mode == "cls" else None,
         **kwargs,
     )
     if mode == "cls":
         # As timm's own features_only models: no classifier fields in the cfg of a feature extractor.
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
-    if isinstance(model, EfficientNet):
-        if post.get("frozen_stages") or post.get("norm_eval"):
-            model.freeze(int(post.get("frozen_stages", 0)), bool(post.get("norm_eval", False)))
-        model.set_grad_checkpointing(bool(post.get("grad_checkpointing", False)))
-    if post.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return apply_post_options(model, post)
 
 
 def _entrypoint(key: str) -> Callable[..., nn.Module]:

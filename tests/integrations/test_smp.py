@@ -241,7 +241,7 @@ def test_get_stages_covers_the_stride_16_and_32_blocks() -> None:
     stages = encoder.get_stages()
     specs = encoder.model.all_feature_specs
     assert set(stages) == {16, 32}
-    last = {s.name: int(s.module.split(".")[1]) for s in specs}
+    last = {s.name: s.stage for s in specs}
     assert stages[32][0][-1] is encoder.model.blocks[last["C5"]]
     assert stages[16][0][-1] is encoder.model.blocks[last["C4"]]
     assert stages[16][0][0] is encoder.model.blocks[last["C3"] + 1]

@@ -372,3 +372,17 @@ def test_effbackbone_options_pass_through():
         timm.create_model("effbackbone_b0", stem_adapt="mean")
     with pytest.raises(TypeError, match="frozen_stages"):
         timm.create_model("effbackbone_b0", features_only=True, feature_cls="getter", frozen_stages=2)
+
+
+@pytest.mark.parametrize("features", [{}, {"features_only": True}, {"features_only": True, "feature_cls": "getter"}])
+def test_post_build_options_mean_what_they_mean_in_create_model(features):
+    """The options applied after building go through one function, as in ``effbackbone.create_model``."""
+    from effbackbone.activations import BatchNormAct2d
+
+    model = timm.create_model("effbackbone_b0", memory_efficient=True, channels_last=True, **features)
+    ours = effbackbone.create_model("b0", features_only=bool(features), memory_efficient=True, channels_last=True)
+    assert sum(isinstance(m, BatchNormAct2d) for m in model.modules()) == sum(
+        isinstance(m, BatchNormAct2d) for m in ours.modules()
+    ) > 0
+    stem = next(p for p in model.parameters() if p.ndim == 4)
+    assert stem.shape == ours.conv_stem.weight.shape and stem.is_contiguous(memory_format=torch.channels_last)
