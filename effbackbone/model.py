@@ -1,6 +1,9 @@
-"""EfficientNet as a multi-scale encoder (and, optionally, the ImageNet classifier)."""
+"""EfficientNet as a multi-scale encoder (and, optionally, the ImageNet classifier).
 
-from __future__ import annotations
+(No ``from __future__ import annotations``: ``torch.fx`` copies the root ``forward``'s annotations into
+the code it generates, where a postponed one is the string ``'Tensor'``, written ``_Tensor_``, which
+TorchScript cannot compile; the real annotations script.)
+"""
 
 import contextlib
 from collections.abc import Iterator, Sequence
@@ -62,7 +65,7 @@ class EfficientNet(nn.Module):
     # No class-level annotation: with postponed annotations TorchScript would see the string 'int'.
     size_divisibility = 32
     # Python-only metadata (FeatureSpec tuples); TorchScript must not try to compile these properties.
-    __jit_unused_properties__ = ["feature_channels", "feature_strides"]
+    __jit_unused_properties__ = ["feature_channels", "feature_strides", "in_chans"]
     # A constant lets TorchScript compile only the branch of ``forward`` this model has modules for.
     __constants__ = ["features_only"]
 
@@ -138,6 +141,11 @@ class EfficientNet(nn.Module):
         """Strides of the returned levels, in order."""
         return [s.stride for s in self.feature_specs]
 
+    @property
+    def in_chans(self) -> int:
+        """Input channels (timm's attribute name; follows :meth:`set_in_channels`)."""
+        return self.cfg.in_channels
+
     def stem(self, x: Tensor) -> Tensor:
         """Stem conv 3x3 / 2 + BN + activation."""
         return self.act1(self.bn1(self.conv_stem(x)))
@@ -209,7 +217,7 @@ class EfficientNet(nn.Module):
         last_stage = self.all_feature_specs[self.frozen_levels - 1].stage
         return [self.conv_stem, self.bn1, *list(self.blocks)[: last_stage + 1]]
 
-    def train(self, mode: bool = True) -> EfficientNet:
+    def train(self, mode: bool = True) -> "EfficientNet":
         """Like ``nn.Module.train``, but frozen parts and (with ``norm_eval``) all BN stay in eval."""
         super().train(mode)
         if mode:

@@ -9,10 +9,11 @@ timm's own EfficientNets. Module names equal timm's, so state dicts are intercha
 
 Extra keyword arguments are :func:`effbackbone.create_model` options: ``tf_compat=True`` (TF "same"
 padding and BN eps 1e-3, for ``tf_*`` weights), ``bn_eps``, ``padding``, ``phi``, ``output_stride``,
-``frozen_stages``, ``norm_eval``, ``grad_checkpointing``, ``channels_last``.
-"""
+``frozen_stages``, ``norm_eval``, ``grad_checkpointing``, ``memory_efficient``, ``channels_last``.
 
-from __future__ import annotations
+(No ``from __future__ import annotations``, as in :mod:`effbackbone.model`: FX-traced graphs of these
+models must script.)
+"""
 
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -84,8 +85,11 @@ class TimmEfficientNet(EfficientNet):
     parameter-free ``global_pool``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, num_classes: int = 1000, global_pool: str = "avg") -> None:
-        super().__init__(cfg, features_only=False, num_classes=num_classes)
+    def __init__(
+        self, cfg: ModelConfig, *, num_classes: int = 1000, global_pool: str = "avg",
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(cfg, features_only=False, num_classes=num_classes, device=device, dtype=dtype)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.num_features
         self.drop_rate = cfg.drop_rate
@@ -96,9 +100,15 @@ class TimmEfficientNet(EfficientNet):
         """The final linear layer (timm API)."""
         return self.classifier
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """New classifier for ``num_classes`` (0 = none) and pooling ``global_pool`` ('' = none)."""
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier for ``num_classes`` (0 = none); pooling ``global_pool`` ('' = none), kept when ``None``.
+
+        As timm's own models: a model built with ``global_pool="max"`` keeps max pooling through
+        ``reset_classifier(5)``. New modules follow the model's device, dtype and train mode.
+        """
+        if global_pool is not None:
+            pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.global_pool = pool.train(self.training)
         super().reset_classifier(num_classes)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -175,8 +185,11 @@ class TimmEfficientNet(EfficientNet):
 class TimmEfficientNetFeatures(EfficientNet):
     """The ``features_only`` encoder as timm returns it: a list of maps and a ``FeatureInfo``."""
 
-    def __init__(self, cfg: ModelConfig, *, out_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
-        super().__init__(cfg, features_only=True, out_indices=out_indices)
+    def __init__(
+        self, cfg: ModelConfig, *, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(cfg, features_only=True, out_indices=out_indices, device=device, dtype=dtype)
         self.feature_info = FeatureInfo(_feature_info(self), self.out_indices)
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
@@ -194,14 +207,17 @@ def _build(
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     output_stride: int = 32,
     drop_path_rate: float = 0.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> EfficientNet:
     if "stem_adapt" in options:
         raise TypeError("stem_adapt is not used through timm: timm adapts the stem to in_chans when loading")
     cfg = make_config(key, in_channels=in_chans, output_stride=output_stride, drop_path_rate=drop_path_rate, **options)
+    # timm passes device= and dtype= to every entrypoint (its models take them as torch modules do).
     if features:
-        return TimmEfficientNetFeatures(cfg, out_indices=out_indices)
-    return TimmEfficientNet(cfg, num_classes=num_classes, global_pool=global_pool)
+        return TimmEfficientNetFeatures(cfg, out_indices=out_indices, device=device, dtype=dtype)
+    return TimmEfficientNet(cfg, num_classes=num_classes, global_pool=global_pool, device=device, dtype=dtype)
 
 
 def _filter_state_dict(

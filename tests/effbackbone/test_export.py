@@ -232,6 +232,19 @@ def test_torchscript_script_and_trace_match_eager(arch, features_only, tmp_path)
             _assert_close(ref, traced(x))
 
 
+@pytest.mark.parametrize(("arch", "features_only"), JIT_CASES[:2])
+@pytest.mark.filterwarnings("ignore:The TorchScript type system:UserWarning")  # torch.fx's own GraphModule
+def test_fx_graph_scripts(arch, features_only):
+    """A ``torch.fx`` trace of the model compiles with TorchScript (its code carries forward's annotations)."""
+    model = _model(*arch, features_only=features_only)
+    graph = torch.fx.symbolic_trace(model)
+    assert "_Tensor_" not in graph.code  # a postponed annotation would be written this way, unknown to TorchScript
+    scripted = torch.jit.script(graph)
+    with torch.no_grad():
+        for x in _inputs():
+            _assert_close(model(x), scripted(x))
+
+
 def test_script_with_grad_checkpointing_in_train_mode():
     model = _model("b0", {"tf_compat": True, "grad_checkpointing": True}).train()
     scripted = export.script(model)
