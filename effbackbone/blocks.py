@@ -163,9 +163,7 @@ class ConvBlock(_Residual):
     def __init__(self, cfg: BlockConfig, norm: NormFactory) -> None:
         super().__init__()
         self.has_skip = cfg.has_skip
-        self.conv = create_conv(
-            cfg.in_channels, cfg.out_channels, cfg.kernel, cfg.stride, cfg.dilation, 1, cfg.padding
-        )
+        self.conv = create_conv(cfg.in_channels, cfg.out_channels, cfg.kernel, cfg.stride, cfg.dilation, 1, cfg.padding)
         self.bn1 = norm(cfg.out_channels)
         self.act1 = create_act(cfg.act)
         self.drop_path = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
@@ -188,7 +186,10 @@ def create_block(kind: str, cfg: BlockConfig, norm: NormFactory) -> nn.Module:
 
 # The one conv of each block that strides or dilates (the others are 1x1).
 _SPATIAL_CONV: tuple[tuple[type[nn.Module], str], ...] = (
-    (DepthwiseSeparable, "conv_dw"), (MBConv, "conv_dw"), (FusedMBConv, "conv_exp"), (ConvBlock, "conv"),
+    (DepthwiseSeparable, "conv_dw"),
+    (MBConv, "conv_dw"),
+    (FusedMBConv, "conv_exp"),
+    (ConvBlock, "conv"),
 )
 
 

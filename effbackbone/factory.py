@@ -125,7 +125,10 @@ def make_config(
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     variant = resolve_variant(
-        name, options.get("phi"), options.get("alpha", ALPHA), options.get("beta", BETA),
+        name,
+        options.get("phi"),
+        options.get("alpha", ALPHA),
+        options.get("beta", BETA),
         options.get("gamma", GAMMA),
     )
     tf = bool(options.get("tf_compat", False))
@@ -184,8 +187,12 @@ def create_model(
     if weights is not None:
         sd = read_state_dict(weights) if isinstance(weights, (str, os.PathLike)) else unwrap_state_dict(weights)
     cfg = make_config(
-        name, in_channels=in_channels, output_stride=output_stride, drop_path_rate=drop_path_rate,
-        layout=detect_layout(sd) if sd is not None else None, **options,
+        name,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        drop_path_rate=drop_path_rate,
+        layout=detect_layout(sd) if sd is not None else None,
+        **options,
     )
     model = EfficientNet(
         cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes, device=device, dtype=dtype

@@ -70,8 +70,14 @@ class EfficientNet(nn.Module):
     __constants__ = ["features_only"]
 
     def __init__(
-        self, cfg: ModelConfig, *, features_only: bool = True, out_indices: Sequence[int] | None = None,
-        num_classes: int = 1000, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        self,
+        cfg: ModelConfig,
+        *,
+        features_only: bool = True,
+        out_indices: Sequence[int] | None = None,
+        num_classes: int = 1000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if cfg.output_stride not in (8, 16, 32):
@@ -109,13 +115,9 @@ class EfficientNet(nn.Module):
         if dtype is not None:
             self.to(dtype=dtype)
 
-    def _build_stages(
-        self, stem: int, norm: partial[nn.BatchNorm2d]
-    ) -> tuple[nn.Sequential, tuple[FeatureSpec, ...]]:
+    def _build_stages(self, stem: int, norm: partial[nn.BatchNorm2d]) -> tuple[nn.Sequential, tuple[FeatureSpec, ...]]:
         plan, specs = plan_stages(self.cfg, stem)
-        built = [
-            nn.Sequential(*(create_block(kind, block_cfg, norm) for block_cfg in blocks)) for kind, blocks in plan
-        ]
+        built = [nn.Sequential(*(create_block(kind, block_cfg, norm) for block_cfg in blocks)) for kind, blocks in plan]
         return nn.Sequential(*built), specs
 
     def _set_out_indices(self, out_indices: Sequence[int] | None) -> None:
@@ -240,7 +242,8 @@ class EfficientNet(nn.Module):
         like = self.conv_stem.weight
         classifier = (
             nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
-            if num_classes > 0 else nn.Identity()
+            if num_classes > 0
+            else nn.Identity()
         )
         self.classifier = classifier.train(self.training)
 
@@ -398,13 +401,21 @@ def plan_stages(
                 s = 1
             elif s > 1:
                 stride *= s
-            blocks.append(BlockConfig(
-                in_channels=in_ch, out_channels=stage.out_channels, kernel=stage.kernel, stride=s,
-                dilation=d, expand_ratio=stage.expand_ratio, se_ratio=stage.se_ratio,
-                act=family.activation, padding=cfg.padding,
-                # Stochastic depth ramps linearly over all blocks (timm, TF reference).
-                drop_path=cfg.drop_path_rate * idx / total,
-            ))
+            blocks.append(
+                BlockConfig(
+                    in_channels=in_ch,
+                    out_channels=stage.out_channels,
+                    kernel=stage.kernel,
+                    stride=s,
+                    dilation=d,
+                    expand_ratio=stage.expand_ratio,
+                    se_ratio=stage.se_ratio,
+                    act=family.activation,
+                    padding=cfg.padding,
+                    # Stochastic depth ramps linearly over all blocks (timm, TF reference).
+                    drop_path=cfg.drop_path_rate * idx / total,
+                )
+            )
             in_ch, idx = stage.out_channels, idx + 1
         plan.append((stage.block, tuple(blocks)))
         if si in ends:

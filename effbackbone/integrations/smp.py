@@ -76,8 +76,12 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
     _is_torch_compilable = True
 
     def __init__(
-        self, variant: str, depth: int = 5, output_stride: int = 32,
-        weights: str | os.PathLike[str] | None = None, **options: Any,
+        self,
+        variant: str,
+        depth: int = 5,
+        output_stride: int = 32,
+        weights: str | os.PathLike[str] | None = None,
+        **options: Any,
     ) -> None:
         if not 1 <= depth <= 5:
             raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
@@ -270,8 +274,11 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float]) -> di
     config = folder / "config.json"
     if not config.exists():
         tmp_config = folder / f".config.{os.getpid()}.tmp"
-        tmp_config.write_text(json.dumps({"input_space": "RGB", "input_range": [0, 1], "mean": list(mean),
-                                          "std": list(std), "source": str(path)}))
+        tmp_config.write_text(
+            json.dumps(
+                {"input_space": "RGB", "input_range": [0, 1], "mean": list(mean), "std": list(std), "source": str(path)}
+            )
+        )
         os.replace(tmp_config, config)
     return {"repo_id": _LOCAL_REPO, "revision": revision}
 
@@ -321,8 +328,11 @@ def _is_path_like(key: object) -> bool:
 
 # -- registration ----------------------------------------------------------------------------------
 def _entry(name: str, params: dict[str, Any], variant: str | None, unit_range: bool = False) -> dict[str, Any]:
-    return {"encoder": EffBackboneEncoder, "pretrained_settings": LocalWeights(name, variant, unit_range),
-            "params": params}
+    return {
+        "encoder": EffBackboneEncoder,
+        "pretrained_settings": LocalWeights(name, variant, unit_range),
+        "params": params,
+    }
 
 
 def register() -> list[str]:

@@ -86,8 +86,13 @@ class TimmEfficientNet(EfficientNet):
     """
 
     def __init__(
-        self, cfg: ModelConfig, *, num_classes: int = 1000, global_pool: str = "avg",
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        self,
+        cfg: ModelConfig,
+        *,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(cfg, features_only=False, num_classes=num_classes, device=device, dtype=dtype)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
@@ -186,8 +191,12 @@ class TimmEfficientNetFeatures(EfficientNet):
     """The ``features_only`` encoder as timm returns it: a list of maps and a ``FeatureInfo``."""
 
     def __init__(
-        self, cfg: ModelConfig, *, out_indices: Sequence[int] = (0, 1, 2, 3, 4),
-        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+        self,
+        cfg: ModelConfig,
+        *,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(cfg, features_only=True, out_indices=out_indices, device=device, dtype=dtype)
         self.feature_info = FeatureInfo(_feature_info(self), self.out_indices)

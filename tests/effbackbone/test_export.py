@@ -174,8 +174,10 @@ def test_onnx_graph_signature(tmp_path):
 
     def dims(path):
         graph = onnx.load(str(path)).graph
-        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-                for v in [*graph.input, *graph.output]}
+        return {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]
+        }
 
     assert dims(dynamic)["input"] == ["batch", 3, "height", "width"]
     assert dims(dynamic)["C5"][:2] == ["batch", 320]

@@ -53,8 +53,9 @@ def test_out_indices_out_of_range(bad):
 # -- output stride ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("output_stride", "strides"), [(32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]),
-                                                        (8, [2, 4, 8, 8, 8])])
+@pytest.mark.parametrize(
+    ("output_stride", "strides"), [(32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])]
+)
 def test_output_stride_strides_and_shapes(output_stride, strides):
     model = create_model("b0", output_stride=output_stride)
     assert model.feature_strides == strides

@@ -138,8 +138,10 @@ def _assert_frozen_survives_reset_and_resize(name):
     assert not [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-CFG_NAMES = [n if n in ("effbackbone_b0", "effbackbone_v2_s") else pytest.param(n, marks=pytest.mark.slow)
-             for n in etimm.MODEL_NAMES]
+CFG_NAMES = [
+    n if n in ("effbackbone_b0", "effbackbone_v2_s") else pytest.param(n, marks=pytest.mark.slow)
+    for n in etimm.MODEL_NAMES
+]
 
 
 @pytest.mark.parametrize("name", CFG_NAMES)
@@ -248,7 +250,9 @@ def test_features_out_indices_and_effdet_accessors():
     model = timm.create_model("effbackbone_b0", features_only=True, out_indices=(2, 3, 4))
     assert model.feature_info.channels() == [40, 112, 320]
     assert model.feature_info.get_dicts(keys=["num_chs", "reduction"]) == [
-        {"num_chs": 40, "reduction": 8}, {"num_chs": 112, "reduction": 16}, {"num_chs": 320, "reduction": 32},
+        {"num_chs": 40, "reduction": 8},
+        {"num_chs": 112, "reduction": 16},
+        {"num_chs": 320, "reduction": 32},
     ]
     assert [o.shape[1] for o in model(torch.randn(1, 3, 64, 64))] == [40, 112, 320]
     assert "conv_head.weight" not in model.state_dict()
@@ -386,7 +390,10 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
     src, path = timm_b0_file
     for num_classes in (5, 0):
         model = timm.create_model(
-            "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, in_chans=1,
+            "effbackbone_b0",
+            pretrained=True,
+            pretrained_cfg_overlay={"file": path},
+            in_chans=1,
             num_classes=num_classes,
         )
         # timm's adapt_input_conv sums the RGB kernels for one input channel.
@@ -400,7 +407,10 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
 def test_model_features_pretrained(timm_b0_file):
     src, path = timm_b0_file
     model = timm.create_model(
-        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, features_only=True,
+        "effbackbone_b0",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": path},
+        features_only=True,
         out_indices=(2, 3, 4),
     ).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -414,8 +424,9 @@ def test_pretrained_tf_weights_with_tf_compat(tmp_path):
     src = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
     path = tmp_path / "tf_b0.pth"
     torch.save(src.state_dict(), path)
-    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                              tf_compat=True).eval()
+    model = timm.create_model(
+        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, tf_compat=True
+    ).eval()
     x = torch.randn(1, 3, 67, 61)  # odd sizes exercise TF "same" padding
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max().item() == 0.0
@@ -475,8 +486,9 @@ def test_classifier_api_and_layer_decay():
 
 
 def test_effbackbone_options_pass_through():
-    model = timm.create_model("effbackbone_b0", features_only=True, output_stride=16, frozen_stages=2,
-                              drop_path_rate=0.1)
+    model = timm.create_model(
+        "effbackbone_b0", features_only=True, output_stride=16, frozen_stages=2, drop_path_rate=0.1
+    )
     assert model.feature_info.reduction() == [2, 4, 8, 16, 16]
     assert not model.conv_stem.weight.requires_grad and model.blocks[3][0].conv_pw.weight.requires_grad
     model = timm.create_model("effbackbone_b0", tf_compat=True, grad_checkpointing=True)
@@ -497,9 +509,11 @@ def test_post_build_options_mean_what_they_mean_in_create_model(features):
 
     model = timm.create_model("effbackbone_b0", memory_efficient=True, channels_last=True, **features)
     ours = effbackbone.create_model("b0", features_only=bool(features), memory_efficient=True, channels_last=True)
-    assert sum(isinstance(m, BatchNormAct2d) for m in model.modules()) == sum(
-        isinstance(m, BatchNormAct2d) for m in ours.modules()
-    ) > 0
+    assert (
+        sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+        == sum(isinstance(m, BatchNormAct2d) for m in ours.modules())
+        > 0
+    )
     stem = next(p for p in model.parameters() if p.ndim == 4)
     assert stem.shape == ours.conv_stem.weight.shape and stem.is_contiguous(memory_format=torch.channels_last)
 
@@ -538,9 +552,23 @@ def test_timm_own_test_models_file_passes(tmp_path):
     """timm's ``tests/test_models.py``, unmodified, selected to our names (plugin: our timm registration)."""
     tests = _timm_tests(tmp_path)
     cmd = [
-        sys.executable, "-m", "pytest", "-q", "-p", "effbackbone.integrations.timm", "-p", "no:cacheprovider",
-        "-c", str(tests / "pytest.ini"), "--rootdir", str(tests), "-W", "ignore",
-        "-k", " or ".join(OWN_SUITE_NAMES), str(tests / "test_models.py"),
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "effbackbone.integrations.timm",
+        "-p",
+        "no:cacheprovider",
+        "-c",
+        str(tests / "pytest.ini"),
+        "--rootdir",
+        str(tests),
+        "-W",
+        "ignore",
+        "-k",
+        " or ".join(OWN_SUITE_NAMES),
+        str(tests / "test_models.py"),
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing below needs the network: pretrained=False throughout
     repo = Path(__file__).resolve().parents[2]  # so the subprocess imports this checkout's effbackbone
