@@ -7,45 +7,19 @@ TorchScript cannot compile; the real annotations script.)
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from effbackbone.arch import FAMILIES, Variant
-from effbackbone.blocks import BlockConfig, create_block, set_block_geometry
-from effbackbone.layers import Padding, adapt_stem_weight, conv_like, create_act, create_conv
-from effbackbone.scaling import level_stages, round_filters, scale_stages
+from effbackbone.arch import FAMILIES
+from effbackbone.blocks import create_block, set_block_geometry
+from effbackbone.config import LEVEL_NAMES, ModelConfig, plan_stages, stem_channels
+from effbackbone.layers import adapt_stem_weight, conv_like, create_act, create_conv
+from effbackbone.scaling import round_filters
 from effbackbone.spec import FeatureSpec
-
-LEVEL_NAMES = ("C1", "C2", "C3", "C4", "C5")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Resolved construction options of an :class:`EfficientNet` (see ``create_model``).
-
-    Attributes:
-        variant: Scaling coefficients.
-        in_channels: Input channels.
-        output_stride: 32, 16 or 8; lower values dilate the last stages instead of striding.
-        drop_path_rate: Stochastic depth rate of the last block (ramps linearly from 0).
-        drop_rate: Dropout before the classifier.
-        padding: ``"symmetric"`` (PyTorch) or ``"same"`` (TF-ported weights).
-        bn_eps: BatchNorm epsilon (1e-3 for TF-ported weights, 1e-5 otherwise).
-        bn_momentum: BatchNorm momentum (PyTorch convention).
-    """
-
-    variant: Variant
-    in_channels: int = 3
-    output_stride: int = 32
-    drop_path_rate: float = 0.0
-    drop_rate: float = 0.2
-    padding: Padding = "symmetric"
-    bn_eps: float = 1e-5
-    bn_momentum: float = 0.1
 
 
 class EfficientNet(nn.Module):
@@ -91,7 +65,7 @@ class EfficientNet(nn.Module):
         norm = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
         # ``device`` as torch modules take it: parameters are created there (meta = shapes only).
         with torch.device(device) if device is not None else contextlib.nullcontext():
-            stem = _stem_channels(cfg)
+            stem = stem_channels(cfg)
             self.conv_stem = create_conv(cfg.in_channels, stem, 3, 2, padding=cfg.padding)
             self.bn1 = norm(stem)
             self.act1 = create_act(family.activation)
@@ -362,66 +336,8 @@ def _restore_bn_buffers(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def _stem_channels(cfg: ModelConfig) -> int:
-    family = FAMILIES[cfg.variant.family]
-    return round_filters(family.stem_channels, cfg.variant.width) if family.scale_stem else family.stem_channels
-
-
 def _level_range(n: int) -> str:
     return "C1" if n == 1 else f"C1..C{n}"
-
-
-def plan_stages(
-    cfg: ModelConfig, stem: int
-) -> tuple[list[tuple[str, tuple[BlockConfig, ...]]], tuple[FeatureSpec, ...]]:
-    """Every block's configuration and the pyramid levels of a model built from ``cfg`` (no module built).
-
-    Args:
-        cfg: The model configuration.
-        stem: Output channels of the stem.
-
-    Returns:
-        ``[(block kind, block configs), ...]`` per stage, and the levels C1..C5.
-    """
-    family = FAMILIES[cfg.variant.family]
-    stages = scale_stages(family.stages, cfg.variant.width, cfg.variant.depth, family.fix_first_last)
-    ends = level_stages([s.stride for s in stages])
-    total = sum(s.repeats for s in stages)
-    in_ch, stride, dilation, idx = stem, 2, 1, 0
-    plan: list[tuple[str, tuple[BlockConfig, ...]]] = []
-    specs: list[FeatureSpec] = []
-    for si, stage in enumerate(stages):
-        blocks: list[BlockConfig] = []
-        for bi in range(stage.repeats):
-            s, d = (stage.stride, dilation) if bi == 0 else (1, dilation)
-            if s > 1 and stride * s > cfg.output_stride:
-                # Dilate instead of striding; like timm and DeepLab, the first block of the stage
-                # keeps the previous dilation and the following blocks take the new one.
-                dilation *= s
-                s = 1
-            elif s > 1:
-                stride *= s
-            blocks.append(
-                BlockConfig(
-                    in_channels=in_ch,
-                    out_channels=stage.out_channels,
-                    kernel=stage.kernel,
-                    stride=s,
-                    dilation=d,
-                    expand_ratio=stage.expand_ratio,
-                    se_ratio=stage.se_ratio,
-                    act=family.activation,
-                    padding=cfg.padding,
-                    # Stochastic depth ramps linearly over all blocks (timm, TF reference).
-                    drop_path=cfg.drop_path_rate * idx / total,
-                )
-            )
-            in_ch, idx = stage.out_channels, idx + 1
-        plan.append((stage.block, tuple(blocks)))
-        if si in ends:
-            level = len(specs)
-            specs.append(FeatureSpec(LEVEL_NAMES[level], in_ch, stride, level, f"blocks.{si}", si))
-    return plan, tuple(specs)
 
 
 def _init_conv_weight(weight: Tensor, groups: int) -> None:
@@ -448,4 +364,4 @@ def _init_weights(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-__all__ = ["LEVEL_NAMES", "EfficientNet", "ModelConfig", "plan_stages"]
+__all__ = ["LEVEL_NAMES", "EfficientNet", "ModelConfig"]
