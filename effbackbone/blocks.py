@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from effbackbone.layers import DropPath, Padding, SqueezeExcite, create_act, create_conv
+from effbackbone.layers import DropPath, Padding, SqueezeExcite, conv_like, create_act, create_conv
 from effbackbone.scaling import make_divisible
 
 NormFactory = Callable[[int], nn.Module]
@@ -163,9 +163,7 @@ class ConvBlock(_Residual):
     def __init__(self, cfg: BlockConfig, norm: NormFactory) -> None:
         super().__init__()
         self.has_skip = cfg.has_skip
-        self.conv = create_conv(
-            cfg.in_channels, cfg.out_channels, cfg.kernel, cfg.stride, cfg.dilation, 1, cfg.padding
-        )
+        self.conv = create_conv(cfg.in_channels, cfg.out_channels, cfg.kernel, cfg.stride, cfg.dilation, 1, cfg.padding)
         self.bn1 = norm(cfg.out_channels)
         self.act1 = create_act(cfg.act)
         self.drop_path = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
@@ -184,3 +182,27 @@ def create_block(kind: str, cfg: BlockConfig, norm: NormFactory) -> nn.Module:
     if kind == "fused":
         return FusedMBConv(cfg, norm) if cfg.expand_ratio != 1 else ConvBlock(cfg, norm)
     raise ValueError(f"unknown block kind {kind!r}")
+
+
+# The one conv of each block that strides or dilates (the others are 1x1).
+_SPATIAL_CONV: tuple[tuple[type[nn.Module], str], ...] = (
+    (DepthwiseSeparable, "conv_dw"),
+    (MBConv, "conv_dw"),
+    (FusedMBConv, "conv_exp"),
+    (ConvBlock, "conv"),
+)
+
+
+def set_block_geometry(block: nn.Module, cfg: BlockConfig) -> None:
+    """Give a built block the stride, dilation and shortcut of ``cfg``, in place; weights are kept.
+
+    The spatial conv is rebuilt only when its stride or dilation changes (see
+    :func:`~effbackbone.layers.conv_like`); the shortcut follows the stride as at construction.
+    """
+    name = next((n for cls, n in _SPATIAL_CONV if isinstance(block, cls)), None)
+    if name is None:
+        raise TypeError(f"{type(block).__name__} is not an EfficientNet block")
+    conv = getattr(block, name)
+    if (conv.stride[0], conv.dilation[0]) != (cfg.stride, cfg.dilation):
+        setattr(block, name, conv_like(conv, cfg.padding, stride=cfg.stride, dilation=cfg.dilation))
+    block.has_skip = cfg.has_skip

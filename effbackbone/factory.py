@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from effbackbone.activations import set_memory_efficient
 from effbackbone.arch import FAMILIES, VARIANTS, Variant
@@ -16,20 +16,65 @@ from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.scaling import ALPHA, BETA, GAMMA, compound
 from effbackbone.weights import Layout, WeightsError, detect_layout, load_weights
 
-# BatchNorm eps the torchvision models were trained with (not stored in the state dict).
-_TORCHVISION_EPS = {"b5": 1e-3, "b6": 1e-3, "b7": 1e-3, "v2_s": 1e-3, "v2_m": 1e-3, "v2_l": 1e-3}
+M = TypeVar("M", bound=nn.Module)
+
+# BatchNorm eps the torchvision models were trained with (not stored in the state dict); 1e-5 for the others.
+TORCHVISION_BN_EPS = {"b5": 1e-3, "b6": 1e-3, "b7": 1e-3, "v2_s": 1e-3, "v2_m": 1e-3, "v2_l": 1e-3}
 _FAMILY_BASE = {"efficientnet": "b0", "lite": "lite0", "v2_s": "v2_s", "v2_m": "v2_m", "v2_l": "v2_l"}
+# Options applied to the built model (apply_post_options), not part of its ModelConfig. The last two
+# work on any module tree (timm's feature wrappers too); the others need an EfficientNet.
+POST_OPTIONS = ("frozen_stages", "norm_eval", "grad_checkpointing", "memory_efficient", "channels_last")
+ANY_MODULE_POST_OPTIONS = ("memory_efficient", "channels_last")
 _OPTIONS = frozenset(
-    {
-        "phi", "alpha", "beta", "gamma", "tf_compat", "padding", "bn_eps", "bn_momentum", "drop_rate",
-        "frozen_stages", "norm_eval", "grad_checkpointing", "channels_last", "stem_adapt", "memory_efficient",
-    }
+    {"phi", "alpha", "beta", "gamma", "tf_compat", "padding", "bn_eps", "bn_momentum", "drop_rate", "stem_adapt"}
+    | set(POST_OPTIONS)
 )
 
 
 def list_models() -> list[str]:
     """Names ``create_model`` accepts."""
     return list(VARIANTS)
+
+
+def _key(name: str) -> str:
+    """The ``VARIANTS`` key of an accepted spelling (``B3``, ``efficientnet-b3`` -> ``b3``)."""
+    return name.lower().replace("-", "_").removeprefix("efficientnet_")
+
+
+def weights_bn_eps(
+    name: str, layout: Layout | None = None, *, tf_compat: bool = False, bn_eps: float | None = None
+) -> float:
+    """The BatchNorm eps a model of ``name`` should use: ``bn_eps`` when given, else the weights' own.
+
+    No state dict records eps: torchvision trained B5-B7 and V2 with 1e-3 (:data:`TORCHVISION_BN_EPS`),
+    the TF reference used 1e-3 (``tf_compat``), PyTorch-trained timm weights 1e-5.
+    """
+    if bn_eps is not None:
+        return bn_eps
+    if layout == "torchvision":
+        return TORCHVISION_BN_EPS.get(_key(name), 1e-5)
+    return 1e-3 if tf_compat else 1e-5
+
+
+def apply_post_options(model: M, options: Mapping[str, Any]) -> M:
+    """Apply the :data:`POST_OPTIONS` in ``options`` to a built model (others are ignored).
+
+    ``create_model`` and the framework adapters that build the model class themselves call this, so
+    each option means the same everywhere.
+    """
+    if isinstance(model, EfficientNet):
+        if options.get("frozen_stages") or options.get("norm_eval"):
+            model.freeze(int(options.get("frozen_stages", 0)), bool(options.get("norm_eval", False)))
+        model.set_grad_checkpointing(bool(options.get("grad_checkpointing", False)))
+    else:
+        need = [k for k in POST_OPTIONS if k not in ANY_MODULE_POST_OPTIONS and options.get(k)]
+        if need:
+            raise TypeError(f"{need} need an effbackbone EfficientNet, not a {type(model).__name__}")
+    if options.get("memory_efficient"):
+        set_memory_efficient(model)
+    if options.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def resolve_variant(
@@ -40,7 +85,7 @@ def resolve_variant(
     ``resolve_variant("b0", phi=2.5)`` is B0's table scaled by width ``beta^2.5`` and depth
     ``alpha^2.5`` (paper eq. 3); the named B1-B7 use the reference's hand-rounded coefficients.
     """
-    key = name.lower().replace("-", "_").removeprefix("efficientnet_")
+    key = _key(name)
     if key not in VARIANTS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(VARIANTS)}")
     variant = VARIANTS[key]
@@ -81,13 +126,13 @@ def make_config(
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
     variant = resolve_variant(
-        name, options.get("phi"), options.get("alpha", ALPHA), options.get("beta", BETA),
+        name,
+        options.get("phi"),
+        options.get("alpha", ALPHA),
+        options.get("beta", BETA),
         options.get("gamma", GAMMA),
     )
     tf = bool(options.get("tf_compat", False))
-    default_eps = 1e-3 if tf else 1e-5
-    if layout == "torchvision":
-        default_eps = _TORCHVISION_EPS.get(name.lower().replace("-", "_"), 1e-5)
     return ModelConfig(
         variant=variant,
         in_channels=in_channels,
@@ -95,7 +140,7 @@ def make_config(
         drop_path_rate=drop_path_rate,
         drop_rate=options.get("drop_rate", variant.dropout),
         padding=options.get("padding", "same" if tf else "symmetric"),
-        bn_eps=options.get("bn_eps", default_eps),
+        bn_eps=weights_bn_eps(name, layout, tf_compat=tf, bn_eps=options.get("bn_eps")),
         bn_momentum=options.get("bn_momentum", 0.01 if tf else 0.1),
     )
 
@@ -110,6 +155,8 @@ def create_model(
     output_stride: int = 32,
     drop_path_rate: float = 0.0,
     num_classes: int = 1000,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> EfficientNet:
     """Build an EfficientNet encoder (or classifier), optionally with published weights.
@@ -128,6 +175,8 @@ def create_model(
         output_stride: 32, 16 or 8 (dilated last stages).
         drop_path_rate: Stochastic depth rate at the last block.
         num_classes: Classifier size (``features_only=False``); 0 for pooled features.
+        device: Where the parameters are created (``"meta"``: shapes only, no memory).
+        dtype: Floating-point dtype of the parameters (initialised in float32, then cast).
         **options: ``phi`` (compound coefficient; scales the family's base model) with ``alpha``,
             ``beta``, ``gamma``; ``tf_compat=True`` for TF-ported weights (timm ``tf_*``: "same"
             padding and BN eps 1e-3); ``padding``, ``bn_eps``, ``bn_momentum``, ``drop_rate``;
@@ -145,23 +194,32 @@ def create_model(
         if tf_compat and "tf_compat" not in options:
             options["tf_compat"] = True
     cfg = make_config(
-        name, in_channels=in_channels, output_stride=output_stride, drop_path_rate=drop_path_rate,
-        layout=detect_layout(sd) if sd is not None else None, **options,
+        name,
+        in_channels=in_channels,
+        output_stride=output_stride,
+        drop_path_rate=drop_path_rate,
+        layout=detect_layout(sd) if sd is not None else None,
+        **options,
     )
-    model = EfficientNet(cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes)
+    model = EfficientNet(
+        cfg, features_only=features_only, out_indices=out_indices, num_classes=num_classes, device=device, dtype=dtype
+    )
     if sd is not None:
         try:
             load_weights(model, sd, options.get("stem_adapt", "repeat"), adapt_padding=False)
         except WeightsError as e:
             raise WeightsError(f"{label} does not fit create_model({name!r}): {e}") from None
-    if options.get("frozen_stages") or options.get("norm_eval"):
-        model.freeze(int(options.get("frozen_stages", 0)), bool(options.get("norm_eval", False)))
-    model.set_grad_checkpointing(bool(options.get("grad_checkpointing", False)))
-    if options.get("memory_efficient"):
-        set_memory_efficient(model)
-    if options.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return apply_post_options(model, options)
 
 
-__all__ = ["FAMILIES", "create_model", "list_models", "make_config", "resolve_variant"]
+__all__ = [
+    "FAMILIES",
+    "POST_OPTIONS",
+    "TORCHVISION_BN_EPS",
+    "apply_post_options",
+    "create_model",
+    "list_models",
+    "make_config",
+    "resolve_variant",
+    "weights_bn_eps",
+]

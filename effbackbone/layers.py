@@ -22,8 +22,14 @@ class Conv2dSame(nn.Conv2d):
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-        groups: int = 1, bias: bool = False,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = False,
     ) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, 0, dilation, groups, bias)
         # Only valid when the pad can never be negative, i.e. the receptive field exceeds the
@@ -42,8 +48,14 @@ class Conv2dSame(nn.Conv2d):
 
 
 def create_conv(
-    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, dilation: int = 1,
-    groups: int = 1, padding: Padding = "symmetric", bias: bool = False,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    stride: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    padding: Padding = "symmetric",
+    bias: bool = False,
 ) -> nn.Conv2d:
     """A Conv2d with symmetric padding, or TF "same" padding.
 
@@ -54,6 +66,40 @@ def create_conv(
         return Conv2dSame(in_channels, out_channels, kernel_size, stride, dilation, groups, bias)
     pad = (kernel_size - 1) // 2 * dilation
     return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad, dilation, groups, bias)
+
+
+def conv_like(
+    conv: nn.Conv2d,
+    padding: Padding,
+    *,
+    stride: int | None = None,
+    dilation: int | None = None,
+    weight: Tensor | None = None,
+) -> nn.Conv2d:
+    """``conv`` rebuilt with another stride, dilation or weight, as :func:`create_conv` would build it.
+
+    The result shares ``conv``'s bias and (unless ``weight`` is given) its weight ``Parameter``, so
+    device, dtype, ``requires_grad`` and optimizer references are kept; its input width follows
+    ``weight``. The swap matters because the padding differs: a strided TF "same" conv pads
+    dynamically (:class:`Conv2dSame`), a dilated one symmetrically. Hooks on ``conv`` are not copied.
+    """
+    source = conv.weight if weight is None else weight
+    with torch.device("meta"):  # shapes only: the parameters come from ``conv`` / ``weight``
+        new = create_conv(
+            source.shape[1] * conv.groups,
+            conv.out_channels,
+            conv.kernel_size[0],
+            conv.stride[0] if stride is None else stride,
+            conv.dilation[0] if dilation is None else dilation,
+            conv.groups,
+            padding,
+            conv.bias is not None,
+        )
+    new.weight = (
+        source if isinstance(source, nn.Parameter) else nn.Parameter(source, requires_grad=conv.weight.requires_grad)
+    )
+    new.bias = conv.bias
+    return new.train(conv.training)
 
 
 def create_act(name: str) -> nn.Module:

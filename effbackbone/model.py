@@ -1,48 +1,25 @@
-"""EfficientNet as a multi-scale encoder (and, optionally, the ImageNet classifier)."""
+"""EfficientNet as a multi-scale encoder (and, optionally, the ImageNet classifier).
 
-from __future__ import annotations
+(No ``from __future__ import annotations``: ``torch.fx`` copies the root ``forward``'s annotations into
+the code it generates, where a postponed one is the string ``'Tensor'``, written ``_Tensor_``, which
+TorchScript cannot compile; the real annotations script.)
+"""
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from effbackbone.arch import FAMILIES, Family, Variant
-from effbackbone.blocks import BlockConfig, create_block
-from effbackbone.layers import Padding, create_act, create_conv
-from effbackbone.scaling import level_stages, round_filters, scale_stages
+from effbackbone.arch import FAMILIES
+from effbackbone.blocks import create_block, set_block_geometry
+from effbackbone.config import LEVEL_NAMES, ModelConfig, plan_stages, stem_channels
+from effbackbone.layers import adapt_stem_weight, conv_like, create_act, create_conv
+from effbackbone.scaling import round_filters
 from effbackbone.spec import FeatureSpec
-
-LEVEL_NAMES = ("C1", "C2", "C3", "C4", "C5")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Resolved construction options of an :class:`EfficientNet` (see ``create_model``).
-
-    Attributes:
-        variant: Scaling coefficients.
-        in_channels: Input channels.
-        output_stride: 32, 16 or 8; lower values dilate the last stages instead of striding.
-        drop_path_rate: Stochastic depth rate of the last block (ramps linearly from 0).
-        drop_rate: Dropout before the classifier.
-        padding: ``"symmetric"`` (PyTorch) or ``"same"`` (TF-ported weights).
-        bn_eps: BatchNorm epsilon (1e-3 for TF-ported weights, 1e-5 otherwise).
-        bn_momentum: BatchNorm momentum (PyTorch convention).
-    """
-
-    variant: Variant
-    in_channels: int = 3
-    output_stride: int = 32
-    drop_path_rate: float = 0.0
-    drop_rate: float = 0.2
-    padding: Padding = "symmetric"
-    bn_eps: float = 1e-5
-    bn_momentum: float = 0.1
 
 
 class EfficientNet(nn.Module):
@@ -62,13 +39,19 @@ class EfficientNet(nn.Module):
     # No class-level annotation: with postponed annotations TorchScript would see the string 'int'.
     size_divisibility = 32
     # Python-only metadata (FeatureSpec tuples); TorchScript must not try to compile these properties.
-    __jit_unused_properties__ = ["feature_channels", "feature_strides"]
+    __jit_unused_properties__ = ["feature_channels", "feature_strides", "in_chans"]
     # A constant lets TorchScript compile only the branch of ``forward`` this model has modules for.
     __constants__ = ["features_only"]
 
     def __init__(
-        self, cfg: ModelConfig, *, features_only: bool = True, out_indices: Sequence[int] | None = None,
+        self,
+        cfg: ModelConfig,
+        *,
+        features_only: bool = True,
+        out_indices: Sequence[int] | None = None,
         num_classes: int = 1000,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if cfg.output_stride not in (8, 16, 32):
@@ -80,74 +63,47 @@ class EfficientNet(nn.Module):
         self.frozen_levels = 0
         family = FAMILIES[cfg.variant.family]
         norm = partial(nn.BatchNorm2d, eps=cfg.bn_eps, momentum=cfg.bn_momentum)
-        stem = round_filters(family.stem_channels, cfg.variant.width) if family.scale_stem else family.stem_channels
-        self.conv_stem = create_conv(cfg.in_channels, stem, 3, 2, padding=cfg.padding)
-        self.bn1 = norm(stem)
-        self.act1 = create_act(family.activation)
-        self.blocks, self.all_feature_specs = self._build_stages(family, stem, norm)
-        self._set_out_indices(out_indices)
-        self.num_features = 0
-        self.num_classes = num_classes if not features_only else 0
-        if not features_only:
-            last = self.all_feature_specs[-1].channels
-            head = family.head_channels
-            self.num_features = round_filters(head, cfg.variant.width) if family.scale_head else head
-            self.conv_head = create_conv(last, self.num_features, 1)
-            self.bn2 = norm(self.num_features)
-            self.act2 = create_act(family.activation)
-            self.dropout = nn.Dropout(cfg.drop_rate)
-            self.classifier: nn.Module = (
-                nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-            )
+        # ``device`` as torch modules take it: parameters are created there (meta = shapes only).
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            stem = stem_channels(cfg)
+            self.conv_stem = create_conv(cfg.in_channels, stem, 3, 2, padding=cfg.padding)
+            self.bn1 = norm(stem)
+            self.act1 = create_act(family.activation)
+            self.blocks, self.all_feature_specs = self._build_stages(stem, norm)
+            self._set_out_indices(out_indices)
+            self.num_features = 0
+            self.num_classes = num_classes if not features_only else 0
+            if not features_only:
+                last = self.all_feature_specs[-1].channels
+                head = family.head_channels
+                self.num_features = round_filters(head, cfg.variant.width) if family.scale_head else head
+                self.conv_head = create_conv(last, self.num_features, 1)
+                self.bn2 = norm(self.num_features)
+                self.act2 = create_act(family.activation)
+                self.dropout = nn.Dropout(cfg.drop_rate)
+                self.classifier: nn.Module = (
+                    nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+                )
         self.size_divisibility = cfg.output_stride
         _init_weights(self)
+        if dtype is not None:
+            self.to(dtype=dtype)
 
-    def _build_stages(
-        self, family: Family, stem: int, norm: partial[nn.BatchNorm2d]
-    ) -> tuple[nn.Sequential, tuple[FeatureSpec, ...]]:
-        cfg = self.cfg
-        stages = scale_stages(family.stages, cfg.variant.width, cfg.variant.depth, family.fix_first_last)
-        ends = level_stages([s.stride for s in stages])
-        total = sum(s.repeats for s in stages)
-        in_ch, stride, dilation, idx = stem, 2, 1, 0
-        built: list[nn.Module] = []
-        specs: list[FeatureSpec] = []
-        for si, stage in enumerate(stages):
-            blocks: list[nn.Module] = []
-            for bi in range(stage.repeats):
-                s, d = (stage.stride, dilation) if bi == 0 else (1, dilation)
-                if s > 1 and stride * s > cfg.output_stride:
-                    # Dilate instead of striding; like timm and DeepLab, the first block of the stage
-                    # keeps the previous dilation and the following blocks take the new one.
-                    dilation *= s
-                    s = 1
-                elif s > 1:
-                    stride *= s
-                block_cfg = BlockConfig(
-                    in_channels=in_ch, out_channels=stage.out_channels, kernel=stage.kernel, stride=s,
-                    dilation=d, expand_ratio=stage.expand_ratio, se_ratio=stage.se_ratio,
-                    act=family.activation, padding=cfg.padding,
-                    # Stochastic depth ramps linearly over all blocks (timm, TF reference).
-                    drop_path=cfg.drop_path_rate * idx / total,
-                )
-                blocks.append(create_block(stage.block, block_cfg, norm))
-                in_ch, idx = stage.out_channels, idx + 1
-            built.append(nn.Sequential(*blocks))
-            if si in ends:
-                level = len(specs)
-                specs.append(FeatureSpec(LEVEL_NAMES[level], in_ch, stride, level, f"blocks.{si}"))
-        return nn.Sequential(*built), tuple(specs)
+    def _build_stages(self, stem: int, norm: partial[nn.BatchNorm2d]) -> tuple[nn.Sequential, tuple[FeatureSpec, ...]]:
+        plan, specs = plan_stages(self.cfg, stem)
+        built = [nn.Sequential(*(create_block(kind, block_cfg, norm) for block_cfg in blocks)) for kind, blocks in plan]
+        return nn.Sequential(*built), specs
 
     def _set_out_indices(self, out_indices: Sequence[int] | None) -> None:
         n = len(self.all_feature_specs)
         indices = tuple(range(n)) if out_indices is None else tuple(out_indices)
         bad = [i for i in indices if not -n <= i < n]
         if bad or not indices:
-            raise ValueError(f"out_indices {indices} must be non-empty and in [0, {n - 1}] (C1..C5)")
+            raise ValueError(f"out_indices {indices} must be non-empty and in [0, {n - 1}] ({_level_range(n)})")
         indices = tuple(sorted({i % n for i in indices}))
         self.out_indices = indices
         self.feature_specs = tuple(self.all_feature_specs[i] for i in indices)
-        stage_of = {int(s.module.split(".")[1]): s.name for s in self.feature_specs}
+        stage_of = {s.stage: s.name for s in self.feature_specs}
         # A list indexed by stage (TorchScript-friendly): "" where a stage is not returned.
         self._stage_out: list[str] = [stage_of.get(i, "") for i in range(len(self.blocks))]
 
@@ -160,6 +116,11 @@ class EfficientNet(nn.Module):
     def feature_strides(self) -> list[int]:
         """Strides of the returned levels, in order."""
         return [s.stride for s in self.feature_specs]
+
+    @property
+    def in_chans(self) -> int:
+        """Input channels (timm's attribute name; follows :meth:`set_in_channels`)."""
+        return self.cfg.in_channels
 
     def stem(self, x: Tensor) -> Tensor:
         """Stem conv 3x3 / 2 + BN + activation."""
@@ -218,7 +179,7 @@ class EfficientNet(nn.Module):
         self.frozen_levels = levels
         if norm_eval is not None:
             self.norm_eval = norm_eval
-        last_stage = int(self.all_feature_specs[levels - 1].module.split(".")[1]) if levels else -1
+        last_stage = self.all_feature_specs[levels - 1].stage if levels else -1
         for m in (self.conv_stem, self.bn1):
             m.requires_grad_(levels == 0)
         for i, stage in enumerate(self.blocks):
@@ -229,10 +190,10 @@ class EfficientNet(nn.Module):
         """Modules whose weights are frozen (kept in eval mode while training)."""
         if self.frozen_levels == 0:
             return []
-        last_stage = int(self.all_feature_specs[self.frozen_levels - 1].module.split(".")[1])
+        last_stage = self.all_feature_specs[self.frozen_levels - 1].stage
         return [self.conv_stem, self.bn1, *list(self.blocks)[: last_stage + 1]]
 
-    def train(self, mode: bool = True) -> EfficientNet:
+    def train(self, mode: bool = True) -> "EfficientNet":
         """Like ``nn.Module.train``, but frozen parts and (with ``norm_eval``) all BN stay in eval."""
         super().train(mode)
         if mode:
@@ -245,11 +206,99 @@ class EfficientNet(nn.Module):
         return self
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace the classifier with a fresh one for ``num_classes`` classes (0 = none)."""
+        """Replace the classifier with a fresh one for ``num_classes`` classes (0 = none).
+
+        The new layer is on the model's device and dtype, in the model's train/eval mode.
+        """
         if self.features_only:
             raise RuntimeError("a features_only model has no classifier")
         self.num_classes = num_classes
-        self.classifier = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        like = self.conv_stem.weight
+        classifier = (
+            nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+            if num_classes > 0
+            else nn.Identity()
+        )
+        self.classifier = classifier.train(self.training)
+
+    # -- changes after construction (used by the framework adapters) ---------------------------------
+    def set_output_stride(self, output_stride: int) -> None:
+        """Re-stride in place to ``output_stride`` 32, 16 or 8, exactly as building with it would.
+
+        Strides, dilations, paddings, shortcuts, :attr:`feature_specs` and :attr:`size_divisibility`
+        become those of ``EfficientNet(replace(cfg, output_stride=...))``; weights, device, dtype,
+        ``requires_grad`` and train mode are kept. The convs whose stride changes are rebuilt around
+        the same parameters (forward hooks on them are not kept).
+        """
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride}")
+        cfg = replace(self.cfg, output_stride=output_stride)
+        plan, specs = plan_stages(cfg, self.conv_stem.out_channels)
+        for stage, (_, block_cfgs) in zip(self.blocks, plan, strict=False):  # truncated models have fewer
+            for block, block_cfg in zip(stage, block_cfgs, strict=True):
+                set_block_geometry(block, block_cfg)
+        self.cfg = cfg
+        self.all_feature_specs = specs[: len(self.all_feature_specs)]
+        self._set_out_indices(self.out_indices)
+        self.size_divisibility = output_stride
+
+    def set_in_channels(self, in_channels: int, stem_adapt: str = "repeat") -> None:
+        """Change the stem to ``in_channels`` inputs, in place.
+
+        Args:
+            in_channels: New input channels.
+            stem_adapt: ``"random"`` re-initialises the stem conv (the model's own init); ``repeat``,
+                ``mean`` or ``rgb_zero`` derive it from the current filters (pretrained stems; see
+                :func:`~effbackbone.layers.adapt_stem_weight`). ``create_model(in_channels=n,
+                weights=w, stem_adapt=m)`` gives the same model as loading ``w`` and calling this.
+        """
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if in_channels == self.cfg.in_channels:
+            return
+        old = self.conv_stem.weight
+        if stem_adapt == "random":
+            weight = torch.empty(old.shape[0], in_channels, *old.shape[2:], device=old.device, dtype=old.dtype)
+            if not weight.is_meta:
+                _init_conv_weight(weight, groups=1)
+        else:
+            weight = adapt_stem_weight(old.detach(), in_channels, stem_adapt)
+        if old.is_contiguous(memory_format=torch.channels_last) and not old.is_contiguous():
+            weight = weight.contiguous(memory_format=torch.channels_last)
+        else:
+            weight = weight.contiguous()
+        self.conv_stem = conv_like(self.conv_stem, self.cfg.padding, weight=weight)
+        self.cfg = replace(self.cfg, in_channels=in_channels)
+
+    def truncate(self, index: int | None = None) -> None:
+        """Drop the stages after level ``index`` (default: the deepest level returned), in place.
+
+        Stages that feed no returned level cost memory and never get a gradient (DDP's
+        unused-parameter error). Levels after ``index`` leave :attr:`all_feature_specs` and
+        :attr:`feature_specs`. A classifier also loses its head conv: :meth:`forward_features` then
+        ends at that level, ``num_features`` becomes its channels and the classifier is rebuilt.
+        """
+        n = len(self.all_feature_specs)
+        index = self.out_indices[-1] if index is None else index
+        if not -n <= index < n:
+            raise ValueError(f"index must be in [0, {n - 1}] ({_level_range(n)}), got {index}")
+        index %= n
+        spec = self.all_feature_specs[index]
+        self.blocks = self.blocks[: spec.stage + 1]
+        self.all_feature_specs = self.all_feature_specs[: index + 1]
+        self._set_out_indices([i for i in self.out_indices if i <= index] or [index])
+        self.frozen_levels = min(self.frozen_levels, index + 1)
+        if not self.features_only:
+            self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_features = spec.channels
+            self.reset_classifier(self.num_classes)
+
+    def set_bn_eps(self, eps: float) -> None:
+        """Set every BatchNorm's epsilon (weights trained with another eps; see ``factory.weights_bn_eps``)."""
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eps = eps
+        self.cfg = replace(self.cfg, bn_eps=eps)
 
 
 @torch.jit.unused
@@ -287,14 +336,23 @@ def _restore_bn_buffers(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
+def _level_range(n: int) -> str:
+    return "C1" if n == 1 else f"C1..C{n}"
+
+
+def _init_conv_weight(weight: Tensor, groups: int) -> None:
+    """TF reference conv init: normal with std ``sqrt(2 / fan_out)``."""
+    fan_out = weight.shape[0] * weight.shape[2] * weight.shape[3] // groups
+    nn.init.normal_(weight, 0.0, (2.0 / fan_out) ** 0.5)
+
+
 def _init_weights(model: nn.Module) -> None:
     """TF reference initialisation (as timm's ``_init_weight_goog``)."""
     if any(p.is_meta for p in model.parameters()):
         return  # shapes only (profiling): random init on meta tensors costs time and means nothing
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, (2.0 / fan_out) ** 0.5)
+            _init_conv_weight(m.weight, m.groups)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):

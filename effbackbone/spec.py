@@ -17,6 +17,8 @@ class FeatureSpec:
         index: Position among all levels (0 for C1 ... 4 for C5), timm's ``out_indices`` numbering.
         module: Name of the module whose output this is (``"blocks.6"`` = the last block of the
             last stage at that stride; the block's output after its residual add).
+        stage: Index of that stage in the model's ``blocks`` (``module == f"blocks.{stage}"``); read
+            this rather than parsing ``module``.
     """
 
     name: str
@@ -24,3 +26,4 @@ class FeatureSpec:
     stride: int
     index: int
     module: str
+    stage: int

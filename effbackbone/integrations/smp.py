@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,8 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from effbackbone.arch import VARIANTS
-from effbackbone.factory import _TORCHVISION_EPS, create_model
+from effbackbone.factory import create_model, weights_bn_eps
 from effbackbone.hub import WeightsUnavailableError, find_in_weights_dir, resolve_weights
-from effbackbone.layers import Conv2dSame, adapt_stem_weight
-from effbackbone.model import EfficientNet
 from effbackbone.sources import is_source
 from effbackbone.weights import (
     LAYOUT_TF_COMPAT,
@@ -94,8 +91,12 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
     _is_torch_compilable = True
 
     def __init__(
-        self, variant: str, depth: int = 5, output_stride: int = 32,
-        weights: str | os.PathLike[str] | None = None, **options: Any,
+        self,
+        variant: str,
+        depth: int = 5,
+        output_stride: int = 32,
+        weights: str | os.PathLike[str] | None = None,
+        **options: Any,
     ) -> None:
         if not 1 <= depth <= 5:
             raise ValueError(f"{type(self).__name__} depth should be in range [1, 5], got {depth}")
@@ -108,11 +109,10 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
         self.model = create_model(
             variant, weights=weights, out_indices=range(depth), output_stride=output_stride, **options
         )
-        self._num_stages = len(self.model.blocks)
         # Stages after the deepest returned level would never get a gradient: drop them.
-        last = int(self.model.feature_specs[-1].module.split(".")[1])
-        self.model.blocks = self.model.blocks[: last + 1]
+        self.model.truncate()
         self._variant = variant
+        self._bn_eps = options.get("bn_eps")
         self._depth = depth
         self._in_channels = 3
         self._output_stride = output_stride
@@ -131,34 +131,21 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
 
     # -- smp's EncoderMixin hooks ---------------------------------------------------------------
     def set_in_channels(self, in_channels: int, pretrained: bool = True) -> None:
-        """Change the stem to ``in_channels`` inputs.
+        """Change the stem to ``in_channels`` inputs (:meth:`EfficientNet.set_in_channels`).
 
         A pretrained stem is adapted with ``stem_adapt`` (default ``repeat``: the RGB filters are
         cycled and scaled by ``3 / in_channels``, which is smp's own rule); otherwise it is
         re-initialised.
         """
-        if in_channels < 1:
-            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-        if in_channels == self._in_channels:
-            return
-        conv = self.model.conv_stem
-        weight = conv.weight.detach()
-        if (pretrained or self._pretrained) and self._stem_adapt != "random":
-            weight = adapt_stem_weight(weight, in_channels, self._stem_adapt)
-        else:
-            # Same rule as the model's own init (TF reference, fan-out normal).
-            weight = torch.empty(conv.out_channels, in_channels, *conv.kernel_size, dtype=weight.dtype,
-                                 device=weight.device)
-            nn.init.normal_(weight, 0.0, (2.0 / (conv.out_channels * weight[0, 0].numel())) ** 0.5)
-        conv.in_channels = in_channels
-        conv.weight = nn.Parameter(weight.contiguous(), requires_grad=conv.weight.requires_grad)
-        self.model.cfg = replace(self.model.cfg, in_channels=in_channels)
+        adapt = self._stem_adapt if pretrained or self._pretrained else "random"
+        self.model.set_in_channels(in_channels, adapt)
         self._in_channels = in_channels
         self._out_channels[0] = in_channels
 
     def get_stages(self) -> dict[int, Sequence[nn.Module]]:
-        """The stages that produce stride 16 and stride 32 (what smp would dilate)."""
-        ends = [int(s.module.split(".")[1]) for s in self.model.all_feature_specs]
+        """The stages that produce stride 16 and stride 32 (what smp would dilate; empty when dropped for depth)."""
+        ends = [s.stage for s in self.model.all_feature_specs]
+        ends += [len(self.model.blocks) - 1] * (5 - len(ends))  # levels truncated away for depth < 5
         return {16: [self.model.blocks[ends[2] + 1 : ends[3] + 1]], 32: [self.model.blocks[ends[3] + 1 :]]}
 
     def make_dilated(self, output_stride: int) -> None:
@@ -166,8 +153,8 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
 
         smp's generic version dilates every block of a stage; here the first block of a dilated
         stage keeps the previous dilation (timm, DeepLab), so pretrained features stay the same
-        tensors as timm's ``output_stride``. Strides, dilations and paddings are copied from a
-        reference model built on the meta device, so weights, device and frozen state are kept.
+        tensors as timm's ``output_stride`` (:meth:`EfficientNet.set_output_stride`). Weights, device
+        and frozen state are kept.
         """
         if output_stride not in (8, 16):
             raise ValueError(f"Output stride should be 16 or 8, got {output_stride}.")
@@ -178,20 +165,7 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
             raise ValueError(
                 f"encoder is already dilated to output stride {current}; build a new one for {output_stride}"
             )
-        with torch.device("meta"):
-            ref = EfficientNet(replace(self.model.cfg, output_stride=output_stride), out_indices=self.model.out_indices)
-        ref_modules = dict(ref.named_modules())
-        for name, conv in self.model.named_modules():
-            if isinstance(conv, nn.Conv2d):
-                target = ref_modules[name]
-                conv.stride, conv.dilation = target.stride, target.dilation
-                # Conv2dSame pads dynamically from stride/dilation; at stride 1 that is symmetric.
-                if not isinstance(conv, Conv2dSame):
-                    conv.padding = target.padding
-        self.model.cfg = ref.cfg
-        self.model.all_feature_specs = ref.all_feature_specs
-        self.model.feature_specs = ref.feature_specs
-        self.model.size_divisibility = ref.size_divisibility
+        self.model.set_output_stride(output_stride)
         self._output_stride = output_stride
 
     def load_state_dict(
@@ -213,11 +187,7 @@ class EffBackboneEncoder(nn.Module, EncoderMixin):
             sd = efficientnet_pytorch_to_timm(sd, self.model)  # before stages are dropped: it numbers blocks flat
         if detect_layout(sd) == "torchvision":
             # BN eps is not in the state dict; torchvision trained B5-B7 and V2 with 1e-3.
-            eps = _TORCHVISION_EPS.get(self._variant)
-            if eps is not None:
-                for m in self.model.modules():
-                    if isinstance(m, nn.BatchNorm2d):
-                        m.eps = eps
+            self.model.set_bn_eps(weights_bn_eps(self._variant, "torchvision", bn_eps=self._bn_eps))
         sd = self._drop_truncated(sd)
         if not strict:
             if detect_layout(sd) == "torchvision":
@@ -311,8 +281,11 @@ def stage_weights(path: Path, mean: Sequence[float], std: Sequence[float], tf_co
     config = folder / "config.json"
     if not config.exists():
         tmp_config = folder / f".config.{os.getpid()}.tmp"
-        tmp_config.write_text(json.dumps({"input_space": "RGB", "input_range": [0, 1], "mean": list(mean),
-                                          "std": list(std), "source": str(path)}))
+        tmp_config.write_text(
+            json.dumps(
+                {"input_space": "RGB", "input_range": [0, 1], "mean": list(mean), "std": list(std), "source": str(path)}
+            )
+        )
         os.replace(tmp_config, config)
     return {"repo_id": _LOCAL_REPO, "revision": revision}
 

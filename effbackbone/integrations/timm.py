@@ -10,14 +10,14 @@ as for timm's own EfficientNets. Module names equal timm's, so state dicts are i
 
 Extra keyword arguments are :func:`effbackbone.create_model` options: ``tf_compat=True`` (TF "same"
 padding and BN eps 1e-3, for ``tf_*`` weights), ``bn_eps``, ``padding``, ``phi``, ``output_stride``,
-``frozen_stages``, ``norm_eval``, ``grad_checkpointing``, ``channels_last``.
-"""
+``frozen_stages``, ``norm_eval``, ``grad_checkpointing``, ``memory_efficient``, ``channels_last``.
 
-from __future__ import annotations
+(No ``from __future__ import annotations``, as in :mod:`effbackbone.model`: FX-traced graphs of these
+models must script.)
+"""
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -29,7 +29,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from effbackbone.arch import VARIANTS
-from effbackbone.factory import make_config
+from effbackbone.factory import ANY_MODULE_POST_OPTIONS, POST_OPTIONS, apply_post_options, make_config, weights_bn_eps
 from effbackbone.hub import resolve_weights
 from effbackbone.model import EfficientNet, ModelConfig
 from effbackbone.weights import (
@@ -46,8 +46,6 @@ MODEL_NAMES: tuple[str, ...] = tuple(PREFIX + key for key in VARIANTS)
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _HEAD_KEYS = ("conv_head.", "bn2.", "classifier.")
-# Options applied to the built model rather than to its config.
-_POST_OPTIONS = ("frozen_stages", "norm_eval", "grad_checkpointing", "channels_last")
 
 
 def _default_cfg(key: str) -> dict[str, Any]:
@@ -83,7 +81,8 @@ default_cfgs: dict[str, dict[str, Any]] = {PREFIX + key: _default_cfg(key) for k
 def _feature_info(model: EfficientNet) -> list[dict[str, Any]]:
     """The timm feature-info dicts (num_chs, reduction, module, stage) of every level C1..C5."""
     return [
-        {"num_chs": s.channels, "reduction": s.stride, "module": s.module, "stage": int(s.module.split(".")[1]) + 1}
+        # timm counts the stem as stage 0.
+        {"num_chs": s.channels, "reduction": s.stride, "module": s.module, "stage": s.stage + 1}
         for s in model.all_feature_specs
     ]
 
@@ -95,8 +94,16 @@ class TimmEfficientNet(EfficientNet):
     parameter-free ``global_pool``.
     """
 
-    def __init__(self, cfg: ModelConfig, *, num_classes: int = 1000, global_pool: str = "avg") -> None:
-        super().__init__(cfg, features_only=False, num_classes=num_classes)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(cfg, features_only=False, num_classes=num_classes, device=device, dtype=dtype)
         self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head_hidden_size = self.num_features
         self.drop_rate = cfg.drop_rate
@@ -107,9 +114,15 @@ class TimmEfficientNet(EfficientNet):
         """The final linear layer (timm API)."""
         return self.classifier
 
-    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
-        """New classifier for ``num_classes`` (0 = none) and pooling ``global_pool`` ('' = none)."""
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """New classifier for ``num_classes`` (0 = none); pooling ``global_pool`` ('' = none), kept when ``None``.
+
+        As timm's own models: a model built with ``global_pool="max"`` keeps max pooling through
+        ``reset_classifier(5)``. New modules follow the model's device, dtype and train mode.
+        """
+        if global_pool is not None:
+            pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+            self.global_pool = pool.train(self.training)
         super().reset_classifier(num_classes)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
@@ -176,12 +189,9 @@ class TimmEfficientNet(EfficientNet):
     ) -> list[int]:
         """Drop the blocks after the last level in ``indices`` (and the head); return the kept indices."""
         take, max_index = feature_take_indices(len(self.stage_ends), indices)
-        keep = self.stage_ends[max_index]
-        if keep < len(self.blocks) or prune_head or prune_norm:
-            self.blocks = self.blocks[:keep]
-            self._stage_out = self._stage_out[:keep]
-            self.conv_head, self.bn2, self.act2 = nn.Identity(), nn.Identity(), nn.Identity()
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if self.stage_ends[max_index] < len(self.blocks) or prune_head or prune_norm:
+            self.truncate(max_index)
+            self.head_hidden_size = self.num_features
             self.reset_classifier(0, "")
         return take
 
@@ -189,8 +199,15 @@ class TimmEfficientNet(EfficientNet):
 class TimmEfficientNetFeatures(EfficientNet):
     """The ``features_only`` encoder as timm returns it: a list of maps and a ``FeatureInfo``."""
 
-    def __init__(self, cfg: ModelConfig, *, out_indices: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
-        super().__init__(cfg, features_only=True, out_indices=out_indices)
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        out_indices: Sequence[int] = (0, 1, 2, 3, 4),
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(cfg, features_only=True, out_indices=out_indices, device=device, dtype=dtype)
         self.feature_info = FeatureInfo(_feature_info(self), self.out_indices)
 
     def forward(self, x: Tensor) -> list[Tensor]:  # type: ignore[override]
@@ -208,18 +225,21 @@ def _build(
     out_indices: Sequence[int] = (0, 1, 2, 3, 4),
     output_stride: int = 32,
     drop_path_rate: float = 0.0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
     **options: Any,
 ) -> EfficientNet:
     if "stem_adapt" in options:
         raise TypeError("stem_adapt is not used through timm: timm adapts the stem to in_chans when loading")
     cfg = make_config(key, in_channels=in_chans, output_stride=output_stride, drop_path_rate=drop_path_rate, **options)
+    # timm passes device= and dtype= to every entrypoint (its models take them as torch modules do).
     if features:
-        return TimmEfficientNetFeatures(cfg, out_indices=out_indices)
-    return TimmEfficientNet(cfg, num_classes=num_classes, global_pool=global_pool)
+        return TimmEfficientNetFeatures(cfg, out_indices=out_indices, device=device, dtype=dtype)
+    return TimmEfficientNet(cfg, num_classes=num_classes, global_pool=global_pool, device=device, dtype=dtype)
 
 
 def _filter_state_dict(
-    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, set_eps: bool, set_padding: bool = False
+    state_dict: Mapping[str, Tensor], model: nn.Module, *, key: str, bn_eps: float | None, set_padding: bool = False
 ) -> dict[str, Tensor]:
     """Make a checkpoint fit: torchvision / efficientnet-pytorch keys renamed to ours, head dropped for feature models.
 
@@ -235,12 +255,8 @@ def _filter_state_dict(
         sd = efficientnet_pytorch_to_timm(sd, model)
     if layout == "torchvision":
         sd = torchvision_to_timm(sd, model)
-        eps = make_config(key, layout="torchvision").bn_eps
-        if set_eps and isinstance(model, EfficientNet) and eps != model.cfg.bn_eps:
-            for m in model.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.eps = eps
-            model.cfg = replace(model.cfg, bn_eps=eps)
+        if isinstance(model, EfficientNet):
+            model.set_bn_eps(weights_bn_eps(key, "torchvision", bn_eps=bn_eps))
     if not hasattr(model, "conv_head"):
         sd = {k: v for k, v in sd.items() if not k.startswith(_HEAD_KEYS)}
     # Fail with our key/shape report rather than torch's list of hundreds of keys. timm adapts the
@@ -272,13 +288,14 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build through timm's builder (pretrained cfg, local weight files, feature wrappers)."""
     if pretrained:
         kwargs = _resolve_pretrained(key, kwargs)
-    post = {k: kwargs.pop(k) for k in _POST_OPTIONS if k in kwargs}
+    post = {k: kwargs.pop(k) for k in POST_OPTIONS if k in kwargs}
     mode = ""
     if kwargs.pop("features_only", False):
         mode = "cfg" if ("feature_cfg" in kwargs or "feature_cls" in kwargs) else "cls"
-    if mode == "cfg" and set(post) - {"channels_last"}:
+    ours_only = sorted(set(post) - set(ANY_MODULE_POST_OPTIONS))
+    if mode == "cfg" and ours_only:
         raise TypeError(
-            f"{sorted(set(post) - {'channels_last'})} apply to our own model classes: use features_only=True "
+            f"{ours_only} apply to our own model classes: use features_only=True "
             "without feature_cls/feature_cfg, or set them on the model before wrapping"
         )
     if mode == "cfg":
@@ -291,7 +308,7 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
         pretrained,
         features_only=mode == "cfg",
         pretrained_filter_fn=partial(
-            _filter_state_dict, key=key, set_eps="bn_eps" not in kwargs,
+            _filter_state_dict, key=key, bn_eps=kwargs.get("bn_eps"),
             set_padding=not {"tf_compat", "padding"} & set(kwargs),
         ),
         kwargs_filter=("num_classes", "global_pool") if mode == "cls" else None,
@@ -300,13 +317,7 @@ def _create(key: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     if mode == "cls":
         # As timm's own features_only models: no classifier fields in the cfg of a feature extractor.
         model.pretrained_cfg = model.default_cfg = pretrained_cfg_for_features(model.pretrained_cfg)
-    if isinstance(model, EfficientNet):
-        if post.get("frozen_stages") or post.get("norm_eval"):
-            model.freeze(int(post.get("frozen_stages", 0)), bool(post.get("norm_eval", False)))
-        model.set_grad_checkpointing(bool(post.get("grad_checkpointing", False)))
-    if post.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return apply_post_options(model, post)
 
 
 def _entrypoint(key: str) -> Callable[..., nn.Module]:

@@ -174,8 +174,10 @@ def test_onnx_graph_signature(tmp_path):
 
     def dims(path):
         graph = onnx.load(str(path)).graph
-        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
-                for v in [*graph.input, *graph.output]}
+        return {
+            v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.input, *graph.output]
+        }
 
     assert dims(dynamic)["input"] == ["batch", 3, "height", "width"]
     assert dims(dynamic)["C5"][:2] == ["batch", 320]
@@ -230,6 +232,19 @@ def test_torchscript_script_and_trace_match_eager(arch, features_only, tmp_path)
             _assert_close(ref, scripted(x))
             _assert_close(ref, loaded(x))
             _assert_close(ref, traced(x))
+
+
+@pytest.mark.parametrize(("arch", "features_only"), JIT_CASES[:2])
+@pytest.mark.filterwarnings("ignore:The TorchScript type system:UserWarning")  # torch.fx's own GraphModule
+def test_fx_graph_scripts(arch, features_only):
+    """A ``torch.fx`` trace of the model compiles with TorchScript (its code carries forward's annotations)."""
+    model = _model(*arch, features_only=features_only)
+    graph = torch.fx.symbolic_trace(model)
+    assert "_Tensor_" not in graph.code  # a postponed annotation would be written this way, unknown to TorchScript
+    scripted = torch.jit.script(graph)
+    with torch.no_grad():
+        for x in _inputs():
+            _assert_close(model(x), scripted(x))
 
 
 def test_script_with_grad_checkpointing_in_train_mode():

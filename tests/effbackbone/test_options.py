@@ -53,8 +53,9 @@ def test_out_indices_out_of_range(bad):
 # -- output stride ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("output_stride", "strides"), [(32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]),
-                                                        (8, [2, 4, 8, 8, 8])])
+@pytest.mark.parametrize(
+    ("output_stride", "strides"), [(32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])]
+)
 def test_output_stride_strides_and_shapes(output_stride, strides):
     model = create_model("b0", output_stride=output_stride)
     assert model.feature_strides == strides
@@ -85,7 +86,7 @@ def test_invalid_output_stride():
 @pytest.mark.parametrize("frozen_stages", [0, 2, 5])
 def test_frozen_stages(frozen_stages):
     model = create_model("b0", frozen_stages=frozen_stages).train()
-    last = int(model.all_feature_specs[frozen_stages - 1].module.split(".")[1]) if frozen_stages else -1
+    last = model.all_feature_specs[frozen_stages - 1].stage if frozen_stages else -1
     frozen = [model.conv_stem, model.bn1, *list(model.blocks)[: last + 1]] if frozen_stages else []
     trainable = list(model.blocks)[last + 1 :]
     assert all(not p.requires_grad for m in frozen for p in m.parameters())

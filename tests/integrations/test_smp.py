@@ -30,9 +30,15 @@ from smp_support import (  # noqa: E402
 from effbackbone import create_model  # noqa: E402
 from effbackbone.layers import adapt_stem_weight  # noqa: E402
 
-EXPECTED = [f"effbackbone-b{i}" for i in range(8)] + [f"effbackbone-lite{i}" for i in range(5)] + [
-    "effbackbone-v2-s", "effbackbone-v2-m", "effbackbone-v2-l",
-]
+EXPECTED = (
+    [f"effbackbone-b{i}" for i in range(8)]
+    + [f"effbackbone-lite{i}" for i in range(5)]
+    + [
+        "effbackbone-v2-s",
+        "effbackbone-v2-m",
+        "effbackbone-v2-l",
+    ]
+)
 B0 = "effbackbone-b0"
 
 
@@ -87,8 +93,9 @@ def test_register_custom_phi_builds_scaled_encoder() -> None:
 
 
 def test_register_custom_training_options_reach_the_encoder() -> None:
-    name = plugin.register_custom("effbackbone-b0-train", "b0", drop_path_rate=0.1, grad_checkpointing=True,
-                                  frozen_stages=1)
+    name = plugin.register_custom(
+        "effbackbone-b0-train", "b0", drop_path_rate=0.1, grad_checkpointing=True, frozen_stages=1
+    )
     model = smp.Unet(name, encoder_weights=None, classes=3)
     encoder = model.encoder.model
     assert encoder.grad_checkpointing and encoder.cfg.drop_path_rate == 0.1
@@ -134,8 +141,14 @@ class TestEncoderSuite:
         assert encoder.out_channels[0] == in_channels == features[0].shape[1]
         assert encoder.model.conv_stem.weight.shape[1] == in_channels
 
-    @pytest.mark.parametrize("name", [B0, pytest.param("effbackbone-lite0", marks=pytest.mark.slow),
-                                      pytest.param("effbackbone-v2-s", marks=pytest.mark.slow)])
+    @pytest.mark.parametrize(
+        "name",
+        [
+            B0,
+            pytest.param("effbackbone-lite0", marks=pytest.mark.slow),
+            pytest.param("effbackbone-v2-s", marks=pytest.mark.slow),
+        ],
+    )
     @pytest.mark.parametrize("depth", [1, 2, 3, 4, 5])
     def test_depth(self, name: str, depth: int) -> None:
         encoder = smp.encoders.get_encoder(name, encoder_weights=None, depth=depth).eval()
@@ -241,7 +254,7 @@ def test_get_stages_covers_the_stride_16_and_32_blocks() -> None:
     stages = encoder.get_stages()
     specs = encoder.model.all_feature_specs
     assert set(stages) == {16, 32}
-    last = {s.name: int(s.module.split(".")[1]) for s in specs}
+    last = {s.name: s.stage for s in specs}
     assert stages[32][0][-1] is encoder.model.blocks[last["C5"]]
     assert stages[16][0][-1] is encoder.model.blocks[last["C4"]]
     assert stages[16][0][0] is encoder.model.blocks[last["C3"] + 1]
@@ -345,11 +358,19 @@ def test_load_state_dict_rejects_a_wrong_variant(tmp_path: Path) -> None:
 
 # -- every decoder: build, one training step, eval ---------------------------------------------------------
 DECODERS = [
-    ("Unet", {}, SIZE), ("UnetPlusPlus", {}, SIZE), ("FPN", {}, SIZE), ("PSPNet", {}, SIZE),
-    ("Linknet", {}, SIZE), ("PAN", {}, 2 * SIZE),  # PAN's pyramid pooling halves 1/16 three times
-    ("MAnet", {}, SIZE), ("DeepLabV3", {"encoder_output_stride": 8}, SIZE),
-    ("DeepLabV3", {"encoder_output_stride": 16}, SIZE), ("DeepLabV3Plus", {"encoder_output_stride": 8}, SIZE),
-    ("DeepLabV3Plus", {"encoder_output_stride": 16}, SIZE), ("UPerNet", {}, SIZE), ("Segformer", {}, SIZE),
+    ("Unet", {}, SIZE),
+    ("UnetPlusPlus", {}, SIZE),
+    ("FPN", {}, SIZE),
+    ("PSPNet", {}, SIZE),
+    ("Linknet", {}, SIZE),
+    ("PAN", {}, 2 * SIZE),  # PAN's pyramid pooling halves 1/16 three times
+    ("MAnet", {}, SIZE),
+    ("DeepLabV3", {"encoder_output_stride": 8}, SIZE),
+    ("DeepLabV3", {"encoder_output_stride": 16}, SIZE),
+    ("DeepLabV3Plus", {"encoder_output_stride": 8}, SIZE),
+    ("DeepLabV3Plus", {"encoder_output_stride": 16}, SIZE),
+    ("UPerNet", {}, SIZE),
+    ("Segformer", {}, SIZE),
 ]
 
 
@@ -408,8 +429,19 @@ def imagenet_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path.parent
 
 
-ARCHS = ["unet", "unetplusplus", "manet", "linknet", "fpn", "pspnet", "deeplabv3", "deeplabv3plus", "pan", "upernet",
-         "segformer"]
+ARCHS = [
+    "unet",
+    "unetplusplus",
+    "manet",
+    "linknet",
+    "fpn",
+    "pspnet",
+    "deeplabv3",
+    "deeplabv3plus",
+    "pan",
+    "upernet",
+    "segformer",
+]
 MODEL_ARCHS = [a if a == "unet" else pytest.param(a, marks=pytest.mark.slow) for a in ARCHS]
 
 

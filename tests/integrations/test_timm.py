@@ -6,8 +6,16 @@ Each ``test_model_*`` below mirrors the timm test of the same name for the ``eff
 
 from __future__ import annotations
 
+import inspect
 import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,36 +101,116 @@ def test_model_backward(name):
     assert not torch.isnan(out).any()
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _assert_model_api_contract(model, name):
+    """timm's ``_assert_model_api_contract`` (what its optimizer factory and model creation rely on)."""
+    from timm.models._manipulate import group_parameters
+
+    with torch.device("meta"), pytest.raises(TypeError):
+        timm.create_model(name, pretrained=False, device="meta", not_a_model_arg=1)
+    # reset_classifier keeps the current pooling by default
+    assert inspect.signature(model.reset_classifier).parameters["global_pool"].default is None
+    groups = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    assert len(set(groups.values())) > 1
+
+
+def _assert_reset_classifier_preserves_parent_device_dtype(model):
+    model.to(device="meta", dtype=torch.float64)
+    expected, expected_training = next(model.parameters()), model.training
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    params = list(model.get_classifier().parameters())
+    assert params and all(p.device == expected.device and p.dtype == expected.dtype for p in params)
+    assert all(m.training == expected_training for m in model.modules())
+
+
+def _assert_factory_device(name):
+    """``device=`` without a device context must place every parameter and buffer there."""
+    model = timm.create_model(name, pretrained=False, device="meta", dtype=torch.float32)
+    misplaced = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type != "meta"]
+    assert not misplaced
+
+
+def _assert_frozen_survives_reset_and_resize(name):
+    model = timm.create_model(name, pretrained=False, device="meta", dtype=torch.float32)
+    model.requires_grad_(False)
+    model.reset_classifier(0)
+    model.reset_classifier(0, "")
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+CFG_NAMES = [
+    n if n in ("effbackbone_b0", "effbackbone_v2_s") else pytest.param(n, marks=pytest.mark.slow)
+    for n in etimm.MODEL_NAMES
+]
+
+
+@pytest.mark.parametrize("name", CFG_NAMES)
 def test_model_default_cfgs(name):
-    model = timm.create_model(name, pretrained=False).eval()
+    """timm 1.0.31 ``test_model_default_cfgs``: on the meta device, with ``device=`` and ``dtype=`` passed."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False, device="meta", dtype=torch.float32).eval()
+    _assert_model_api_contract(model, name)
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
     state_dict = model.state_dict()
     cfg = model.default_cfg
+    assert model.in_chans == cfg["input_size"][0]
     pool_size, input_size = cfg["pool_size"], cfg["input_size"]
     spatial_axis, feat_axis = get_spatial_dim("NCHW"), get_channel_dim("NCHW")
-    if max(input_size) > 448:
-        # timm skips the output-size checks above 448 px to save resources; check at 256 px instead.
-        input_size, pool_size = (3, 256, 256), (8, 8)
-    x = torch.randn(1, *input_size)
-    with torch.no_grad():
+    if all(x <= 448 for x in input_size):  # timm checks output sizes up to 448 px (B6, B7, V2-M/L skip them)
+        x = torch.randn(1, *input_size, device="meta")
         feats = model.forward_features(x)
         pre = model.forward_head(feats, pre_logits=True)
-        assert (feats.shape[spatial_axis[0]], feats.shape[spatial_axis[1]]) == pool_size
+        assert (feats.shape[spatial_axis[0]], feats.shape[spatial_axis[1]]) == tuple(pool_size)
         assert feats.shape[feat_axis] == model.num_features
         assert pre.shape[1] == model.head_hidden_size
+        # a dtype change after a forward must not leave stale caches or upcast activations
+        model.to(torch.bfloat16)
+        assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+        model.to(torch.float32)
         model.reset_classifier(0)
         assert model.num_classes == 0
         out = model(x)
-        assert out.shape == pre.shape and out.ndim == 2
+        assert out.ndim == 2 and out.shape[1] == model.head_hidden_size and out.shape == pre.shape
         model.reset_classifier(0, "")
         out = model(x)
-        assert out.ndim == 4 and tuple(out.shape[2:]) == pool_size
-        model = timm.create_model(name, pretrained=False, num_classes=0, global_pool="").eval()
+        assert out.ndim == 4 and tuple(out.shape[2:]) == tuple(pool_size)
+        model = timm.create_model(name, pretrained=False, num_classes=0, device="meta", dtype=torch.float32).eval()
         out = model(x)
-        assert out.ndim == 4 and tuple(out.shape[2:]) == pool_size
+        assert out.shape == pre.shape and out.shape[1] == model.head_hidden_size
+        # explicit factory kwargs must also work without the device context
+        model = timm.create_model(
+            name, pretrained=False, num_classes=0, global_pool="", device="meta", dtype=torch.float32
+        ).eval()
+        out = model(x)
+        assert out.ndim == 4 and tuple(out.shape[2:]) == tuple(pool_size)
     for key in (cfg["classifier"], cfg["first_conv"]):
         assert key + ".weight" in state_dict
+    _assert_reset_classifier_preserves_parent_device_dtype(model)
+    _assert_factory_device(name)
+    _assert_frozen_survives_reset_and_resize(name)
+
+
+def test_device_and_dtype_reach_every_model_kind():
+    for kwargs in ({}, {"features_only": True}, {"features_only": True, "feature_cls": "getter"}):
+        model = timm.create_model("effbackbone_b0", device="meta", dtype=torch.bfloat16, **kwargs)
+        tensors = [*model.parameters(), *model.buffers()]
+        assert all(t.device.type == "meta" for t in tensors)
+        assert {t.dtype for t in tensors} == {torch.bfloat16, torch.int64}  # num_batches_tracked stays int64
+
+
+@pytest.mark.parametrize("name", SOME)
+def test_reset_classifier_keeps_pool(name):
+    """timm 1.0.31 ``test_reset_classifier_keeps_pool`` (there for timm's own models), for ours."""
+    model = timm.create_model(name, pretrained=False, global_pool="max").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+        model.reset_classifier(5)
+        torch.testing.assert_close(model.forward_head(model.forward_features(x), pre_logits=True), expected)
+        assert model(x).shape == (2, 5)
+        model.reset_classifier(5, "avg")
+        pooled_avg = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert not torch.allclose(pooled_avg, expected)
 
 
 @pytest.mark.parametrize("name", SOME)
@@ -162,7 +250,9 @@ def test_features_out_indices_and_effdet_accessors():
     model = timm.create_model("effbackbone_b0", features_only=True, out_indices=(2, 3, 4))
     assert model.feature_info.channels() == [40, 112, 320]
     assert model.feature_info.get_dicts(keys=["num_chs", "reduction"]) == [
-        {"num_chs": 40, "reduction": 8}, {"num_chs": 112, "reduction": 16}, {"num_chs": 320, "reduction": 32},
+        {"num_chs": 40, "reduction": 8},
+        {"num_chs": 112, "reduction": 16},
+        {"num_chs": 320, "reduction": 32},
     ]
     assert [o.shape[1] for o in model(torch.randn(1, 3, 64, 64))] == [40, 112, 320]
     assert "conv_head.weight" not in model.state_dict()
@@ -206,6 +296,36 @@ def test_model_forward_intermediates(name):
         torch.testing.assert_close(final, final3, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="NCHW"):
         model.forward_intermediates(x, output_fmt="NHWC")
+
+
+def _create_fx_model(model):
+    """timm's ``_create_fx_model`` (eval case): a torchvision feature extractor on the last graph node."""
+    fe = pytest.importorskip("torchvision.models.feature_extraction")
+    tracer_kwargs = {
+        "leaf_modules": timm.models.get_notrace_modules(),
+        "autowrap_functions": timm.models.get_notrace_functions(),
+        "param_shapes_constant": True,
+    }
+    train_nodes, eval_nodes = fe.get_graph_node_names(model, tracer_kwargs=tracer_kwargs)
+    return fe.create_feature_extractor(
+        model, train_return_nodes=[train_nodes[-1]], eval_return_nodes=[eval_nodes[-1]], tracer_kwargs=tracer_kwargs
+    )
+
+
+@pytest.mark.parametrize("name", SOME)
+@pytest.mark.parametrize("kwargs", [{}, {"tf_compat": True}])
+def test_model_forward_fx_torchscript(name, kwargs):
+    """timm 1.0.31 ``test_model_forward_fx_torchscript``: the FX-traced model scripts and runs (at 128 px)."""
+    with timm.set_scriptable(True):
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    model.eval()
+    scripted = torch.jit.script(_create_fx_model(model))
+    x = torch.randn(1, *_size(name, 128))
+    with torch.inference_mode():
+        outputs = torch.cat(tuple(scripted(x).values()))
+        assert outputs.shape[0] == 1
+        assert not torch.isnan(outputs).any()
+        torch.testing.assert_close(outputs, model(x))
 
 
 @pytest.mark.parametrize("tf_compat", [False, True])
@@ -270,7 +390,10 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
     src, path = timm_b0_file
     for num_classes in (5, 0):
         model = timm.create_model(
-            "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, in_chans=1,
+            "effbackbone_b0",
+            pretrained=True,
+            pretrained_cfg_overlay={"file": path},
+            in_chans=1,
             num_classes=num_classes,
         )
         # timm's adapt_input_conv sums the RGB kernels for one input channel.
@@ -284,7 +407,10 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
 def test_model_features_pretrained(timm_b0_file):
     src, path = timm_b0_file
     model = timm.create_model(
-        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}, features_only=True,
+        "effbackbone_b0",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": path},
+        features_only=True,
         out_indices=(2, 3, 4),
     ).eval()
     x = torch.randn(1, 3, 64, 64)
@@ -298,8 +424,9 @@ def test_pretrained_tf_weights_with_tf_compat(tmp_path):
     src = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
     path = tmp_path / "tf_b0.pth"
     torch.save(src.state_dict(), path)
-    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                              tf_compat=True).eval()
+    model = timm.create_model(
+        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, tf_compat=True
+    ).eval()
     x = torch.randn(1, 3, 67, 61)  # odd sizes exercise TF "same" padding
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max().item() == 0.0
@@ -359,8 +486,9 @@ def test_classifier_api_and_layer_decay():
 
 
 def test_effbackbone_options_pass_through():
-    model = timm.create_model("effbackbone_b0", features_only=True, output_stride=16, frozen_stages=2,
-                              drop_path_rate=0.1)
+    model = timm.create_model(
+        "effbackbone_b0", features_only=True, output_stride=16, frozen_stages=2, drop_path_rate=0.1
+    )
     assert model.feature_info.reduction() == [2, 4, 8, 16, 16]
     assert not model.conv_stem.weight.requires_grad and model.blocks[3][0].conv_pw.weight.requires_grad
     model = timm.create_model("effbackbone_b0", tf_compat=True, grad_checkpointing=True)
@@ -372,3 +500,80 @@ def test_effbackbone_options_pass_through():
         timm.create_model("effbackbone_b0", stem_adapt="mean")
     with pytest.raises(TypeError, match="frozen_stages"):
         timm.create_model("effbackbone_b0", features_only=True, feature_cls="getter", frozen_stages=2)
+
+
+@pytest.mark.parametrize("features", [{}, {"features_only": True}, {"features_only": True, "feature_cls": "getter"}])
+def test_post_build_options_mean_what_they_mean_in_create_model(features):
+    """The options applied after building go through one function, as in ``effbackbone.create_model``."""
+    from effbackbone.activations import BatchNormAct2d
+
+    model = timm.create_model("effbackbone_b0", memory_efficient=True, channels_last=True, **features)
+    ours = effbackbone.create_model("b0", features_only=bool(features), memory_efficient=True, channels_last=True)
+    assert (
+        sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+        == sum(isinstance(m, BatchNormAct2d) for m in ours.modules())
+        > 0
+    )
+    stem = next(p for p in model.parameters() if p.ndim == 4)
+    assert stem.shape == ours.conv_stem.weight.shape and stem.is_contiguous(memory_format=torch.channels_last)
+
+
+# -- timm's own test file, when its source distribution is at hand --
+
+TIMM_SDIST_ENV = "TIMM_SDIST"
+OWN_SUITE_NAMES = ("effbackbone_b0", "effbackbone_v2_s")
+
+
+def _timm_tests(dest: Path) -> Path:
+    """timm's ``tests/`` folder, copied from ``$TIMM_SDIST`` (the ``.tar.gz`` or its unpacked folder) to ``dest``."""
+    hint = (
+        f"timm's own tests need its source distribution: pip download --no-deps --no-binary :all: "
+        f"timm=={timm.__version__} -d DIR, then {TIMM_SDIST_ENV}=DIR/timm-{timm.__version__}.tar.gz"
+    )
+    src = os.environ.get(TIMM_SDIST_ENV)
+    if not src or not Path(src).exists():
+        pytest.skip(hint)
+    root = Path(src)
+    if root.is_file():
+        with tarfile.open(root) as tar:
+            # The "data" filter refuses links and paths outside dest (Python >= 3.10.12 / 3.11.4).
+            tar.extractall(dest, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        root = next(dest.glob("timm-*"))
+    if root.name != f"timm-{timm.__version__}":
+        pytest.skip(f"{TIMM_SDIST_ENV} holds {root.name}, but timm {timm.__version__} is installed. {hint}")
+    tests = dest / "timm_tests"
+    shutil.copytree(root / "tests", tests)
+    (tests / "pytest.ini").write_text("[pytest]\n")  # timm's markers and options, not ours
+    return tests
+
+
+@pytest.mark.slow
+def test_timm_own_test_models_file_passes(tmp_path):
+    """timm's ``tests/test_models.py``, unmodified, selected to our names (plugin: our timm registration)."""
+    tests = _timm_tests(tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "effbackbone.integrations.timm",
+        "-p",
+        "no:cacheprovider",
+        "-c",
+        str(tests / "pytest.ini"),
+        "--rootdir",
+        str(tests),
+        "-W",
+        "ignore",
+        "-k",
+        " or ".join(OWN_SUITE_NAMES),
+        str(tests / "test_models.py"),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # nothing below needs the network: pretrained=False throughout
+    repo = Path(__file__).resolve().parents[2]  # so the subprocess imports this checkout's effbackbone
+    done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=1800)
+    tail = done.stdout[-3000:] + done.stderr[-2000:]
+    assert done.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed is not None and int(passed[1]) >= 8 * len(OWN_SUITE_NAMES), tail
