@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.common.images import default_stats, find_images, read_image
 from tasks.common.sampling import make_loader
 from tasks.segmentation.io import check_pair, find_pairs, read_mask
-from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks
+from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks, holds_other_data
 from tasks.segmentation.transforms import EvalResize, build_transforms
 
 IGNORE_LABEL = -100
@@ -160,7 +160,7 @@ class MaskDataModule(L.LightningDataModule):
         std: Normalisation std per channel.
         predict_dir: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
         synthetic: Generate the synthetic shapes dataset of this spec into ``root`` on first use (the
-            quickstart); ``None`` reads ``root`` as is.
+            quickstart); ignored when ``root`` holds other data, which is read as is.
     """
 
     def __init__(
@@ -195,7 +195,9 @@ class MaskDataModule(L.LightningDataModule):
         # (The spec is a dataclass, which a weights-only checkpoint cannot hold.)
         self.save_hyperparameters(ignore=["num_classes", "class_names", "ignore_index", "mean", "std", "synthetic"])
         self.root = Path(root)
-        self.synthetic = synthetic
+        # A config's synthetic spec (the quickstart's) with a root that holds the user's own data: read that data.
+        self.synthetic = None if synthetic is None or holds_other_data(self.root) else synthetic
+        synthetic = self.synthetic
         if not self.root.is_dir() and synthetic is None and predict_dir is None:
             raise FileNotFoundError(
                 f"segmentation data folder {self.root} does not exist; set data root to a folder "

@@ -179,11 +179,25 @@ def generate_masks(root: str | Path, spec: SyntheticMaskSpec | None = None) -> P
     return root
 
 
+def holds_other_data(root: str | Path) -> bool:
+    """Whether ``root`` holds a dataset this module did not generate (a ``train`` folder, no recorded spec)."""
+    root = Path(root)
+    meta_path = root / "classes.json"
+    generated = meta_path.is_file() and "spec" in json.loads(meta_path.read_text())
+    return (root / "train").exists() and not generated
+
+
 def ensure_masks(root: str | Path, spec: SyntheticMaskSpec | None = None) -> Path:
-    """Generate the dataset under ``root`` unless its ``classes.json`` records the same spec."""
+    """Generate the dataset under ``root`` unless its ``classes.json`` records the same spec.
+
+    A generated dataset of another spec is replaced; a folder holding other data is never written to.
+    """
     spec = spec or SyntheticMaskSpec()
     meta_path = Path(root) / "classes.json"
     if meta_path.is_file():
         if json.loads(meta_path.read_text()).get("spec") == _spec_json(spec):
             return Path(root)
+    if holds_other_data(root):
+        raise FileExistsError(f"{root} holds a dataset that was not generated here; generating the synthetic one "
+                              "would overwrite it: choose another folder for the synthetic data")  # fmt: skip
     return generate_masks(root, spec)
