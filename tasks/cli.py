@@ -31,9 +31,10 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export}
   fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
   validate    evaluate:  effbackbone validate --config <yaml> --ckpt_path <ckpt>
   test        evaluate on the test split
-  predict     a folder of images -> masks and overlays: --data.predict_dir <dir> --ckpt_path <ckpt>
-  export      a checkpoint to ONNX: effbackbone export --ckpt <ckpt> --output model.onnx
-Run 'effbackbone <command> --help' for a command's options."""
+  predict     a folder of images -> masks or boxes, and pictures, in <run>/predictions:
+              effbackbone predict --config <yaml> --ckpt_path <ckpt> [--data.init_args.predict_dir <dir>]
+  export      a checkpoint to ONNX (any batch, height and width): effbackbone export --ckpt <ckpt> --output model.onnx
+Run 'effbackbone <command> --help' for a command's options (fit --help starts with the tasks and shipped configs)."""
 
 
 # (category, message regex) of dependency warnings the command hides: nothing in a user's config causes them.
