@@ -65,9 +65,9 @@ class TrainingCurves(Callback):
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         self._record(trainer, max(trainer.current_epoch - 1, 0))  # current_epoch has moved past the last one
+        path = run_subdir(trainer, self.filename)  # on every rank: trainer.log_dir is a collective under DDP
         if not trainer.is_global_zero or not self.history:
             return
-        path = run_subdir(trainer, self.filename)
         path.parent.mkdir(parents=True, exist_ok=True)
         plot_curves(self.history, main_metric(trainer, pl_module), path)
         self.last_path = path

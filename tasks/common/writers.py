@@ -60,8 +60,9 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Print where the predictions went and how many files were written (rank 0)."""
+        folder = self.output_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            print(f"predictions: {self.output_path(trainer)} ({describe_files(self.written)})")
+            print(f"predictions: {folder} ({describe_files(self.written)})")
 
     def write_batch(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any) -> None:  # noqa: ANN401
         """Handle one batch's ``predict_step`` output."""

@@ -223,8 +223,8 @@ class DetectionWriter(PredictionWriter):
         """Gather every rank's detections and write the files once (rank 0)."""
         unique = list(gather_per_image(self._predictions).values())  # DistributedSampler repeats some images
         self._predictions = {}
+        out = self.output_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            out = self.output_path(trainer)
             if not isinstance(pl_module, DetectionTask):
                 raise TypeError(f"DetectionWriter needs a DetectionTask, got {type(pl_module).__name__}")
             cats, names = pl_module.category_ids, pl_module.class_names

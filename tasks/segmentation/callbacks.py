@@ -115,14 +115,16 @@ class SegmentationOverlays(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Render and save the panel (here rather than at epoch end: the epoch's mIoU is logged by now)."""
-        if not self._active(trainer) or not self._rows or not trainer.is_global_zero:
+        if not self._active(trainer):
+            return
+        out_dir = run_subdir(trainer, "overlays")  # on every rank: trainer.log_dir is a collective under DDP
+        if not self._rows or not trainer.is_global_zero:
             return
         rows = self._rows
         names = getattr(pl_module, "class_names", None) or [str(i) for i in range(1 + max(r[2].max() for r in rows))]
         miou = trainer.callback_metrics.get("val/miou")
         title = f"epoch {trainer.current_epoch}" + (f"  val mIoU {float(miou):.3f}" if miou is not None else "")
         panel = render_panel(rows, names, title=title, min_side=self.min_side)
-        out_dir = run_subdir(trainer, "overlays")
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
         panel.save(self.last_path)
