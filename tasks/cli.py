@@ -3,12 +3,19 @@
 ``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (:mod:`tasks.lightning_cli`), imported
 only then: it needs the ``tasks`` extra (``pip install 'effbackbone[tasks]'``); ``info`` needs torch only.
 The entry point lives with the tasks, so the library (``effbackbone``) imports nothing of the trainer.
+
+Messages from dependencies that a user can do nothing about are filtered here, for the duration of
+the command only (:func:`quiet_dependencies`); the library itself never filters warnings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,9 +31,42 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export}
   fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
   validate    evaluate:  effbackbone validate --config <yaml> --ckpt_path <ckpt>
   test        evaluate on the test split
-  predict     a folder of images -> masks and overlays: --data.predict_dir <dir> --ckpt_path <ckpt>
-  export      a checkpoint to ONNX: effbackbone export --ckpt <ckpt> --output model.onnx
-Run 'effbackbone <command> --help' for a command's options."""
+  predict     a folder of images -> masks or boxes, and pictures, in <run>/predictions:
+              effbackbone predict --config <yaml> --ckpt_path <ckpt> [--data.init_args.predict_dir <dir>]
+  export      a checkpoint to ONNX (any batch, height and width): effbackbone export --ckpt <ckpt> --output model.onnx
+Run 'effbackbone <command> --help' for a command's options (fit --help starts with the tasks and shipped configs)."""
+
+
+# (category, message regex) of dependency warnings the command hides: nothing in a user's config causes them.
+QUIET_WARNINGS = (
+    # Lightning's pytree helpers use a torch API that torch deprecated (lightning/pytorch/utilities/_pytree.py).
+    (Warning, r".*isinstance\(treespec, LeafSpec\)` is deprecated"),
+    # effdet decorates helpers with @torch.jit.script at import (effdet/object_detection/matcher.py, ...).
+    (FutureWarning, r"`torch\.jit\.script` is deprecated"),
+)
+# Info lines of Lightning's that advertise rather than inform.
+QUIET_LOG_LINES = ("litlogger",)
+
+
+class _DropLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in QUIET_LOG_LINES)
+
+
+@contextlib.contextmanager
+def quiet_dependencies() -> Iterator[None]:
+    """Hide :data:`QUIET_WARNINGS` and :data:`QUIET_LOG_LINES` while the command runs, then restore."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")  # rank_zero_info's logger
+    drop = _DropLines()
+    log.addFilter(drop)
+    try:
+        with warnings.catch_warnings():
+            for category, message in QUIET_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        log.removeFilter(drop)
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:
@@ -57,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             hint = "pip install 'effbackbone[tasks]'"
             print(f"effbackbone {args[0]} needs the tasks extra: {hint} ({e})", file=sys.stderr)
             return 2
-        return _task_command(args)
+        with quiet_dependencies():
+            return _task_command(args)
     if args and args[0] in ("-h", "--help") or not args:
         print(USAGE)
         return 0

@@ -1,8 +1,10 @@
 """``effbackbone export --ckpt run/best.ckpt --output model.onnx``: a trained task to ONNX.
 
-The task class is read from the checkpoint (``_class_path``, which LightningCLI records); each task's
-exporter is looked up in :data:`EXPORTERS` (the segmentation task's is
-:func:`~tasks.segmentation.export.export_segmentation_onnx`). Checkpoints are read weights-only.
+The graph takes any batch, height and width unless ``--static`` fixes height and width. The task class
+is read from the checkpoint (``_class_path``, which LightningCLI records); each task's exporter is
+looked up in :data:`EXPORTERS` (the segmentation task's is
+:func:`~tasks.segmentation.export.export_segmentation_onnx`). Checkpoints are read weights-only, and
+only their weights and hyperparameters are used (a checkpoint without optimizer state exports too).
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ def load_task(ckpt: str | Path) -> Any:  # noqa: ANN401 - the LightningModule na
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``effbackbone export --ckpt PATH --output model.onnx [--height H --width W --opset N --no-verify]``."""
+    """``effbackbone export --ckpt PATH --output model.onnx [--static --height H --width W --opset N --no-verify]``."""
     parser = argparse.ArgumentParser(prog="effbackbone export", description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint (best.ckpt / last.ckpt)")
     parser.add_argument("--output", required=True, help="destination .onnx file")
-    parser.add_argument("--height", type=int, default=256, help="input height baked into the graph")
-    parser.add_argument("--width", type=int, default=256, help="input width baked into the graph")
+    dynamic = "default: any batch, height and width"
+    parser.add_argument("--static", action="store_true", help=f"fix height and width to --height x --width ({dynamic})")
+    parser.add_argument("--height", type=int, default=256, help="input height (of the example only, unless --static)")
+    parser.add_argument("--width", type=int, default=256, help="input width (of the example only, unless --static)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
@@ -62,8 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     if export is None:
         parser.error(f"{type(task).__name__} has no ONNX exporter; it cannot be exported from the CLI")
     info = export(task, args.output, height=args.height, width=args.width, opset=args.opset,
-                  verify=not args.no_verify)
-    print(f"wrote {args.output} (+ {args.output}.json)")
+                  verify=not args.no_verify, dynamic=not args.static)  # fmt: skip
+    output = Path(args.output)
+    shape = " x ".join(str(s) for s in info["input"]["shape"])
+    print(f"export: {output.parent} (2 files: {output.name}, {output.name}.json); input {shape}")
     if "max_abs_diff" in info:
-        print(f"onnxruntime vs PyTorch: max abs diff {info['max_abs_diff']:.2e}")
+        sizes = ", ".join(f"{h}x{w}" for h, w in info["verified_sizes"])
+        print(f"onnxruntime vs PyTorch at {sizes}: max abs diff {info['max_abs_diff']:.2e}")
     return 0

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# Real datasets for the few tests that use them: $EFFBACKBONE_TEST_DATA/<name>, by default the data folder
+# next to the repository (../shared/data). What each one is, in the words of a skip message:
+_DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("EFFBACKBONE_TEST_DATA", _DEFAULT_DATA))
+REAL_DATASETS = {
+    "raccoon": "the raccoon detection dataset (COCO format: annotations/instances_{train,val}.json and "
+    "{train,val}/images, 160 + 40 photos, one class)",
+    "isbi2012_membrane": "the ISBI 2012 EM membrane dataset (train/ and val/ with images/ and masks/, 24 + 6 "
+    "grayscale 512x512 slices, classes.json)",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -30,9 +40,23 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def real_dataset(name: str) -> Path:
+    """The folder of real dataset ``name``; the test is skipped, naming the dataset and where it is read
+    from, when it is absent (users and most CI machines do not have it)."""
+    root = SHARED_DATA / name
+    if not root.is_dir():
+        pytest.skip(f"needs {REAL_DATASETS[name]}; the test reads it from {root} (set EFFBACKBONE_TEST_DATA to "
+                    f"the folder that holds {name}/)")  # fmt: skip
+    return root
+
+
 @pytest.fixture
-def shared_data() -> Path:
-    """The real datasets in ``../shared/data``; skips when absent (users do not have them)."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is not present")
-    return SHARED_DATA
+def raccoon_data() -> Path:
+    """The raccoon COCO dataset (skips when absent)."""
+    return real_dataset("raccoon")
+
+
+@pytest.fixture
+def membrane_data() -> Path:
+    """The ISBI 2012 membrane dataset (skips when absent)."""
+    return real_dataset("isbi2012_membrane")

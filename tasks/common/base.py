@@ -53,6 +53,23 @@ class BaseTask(L.LightningModule):
         self.channels_last = channels_last
 
     @property
+    def example_input_array(self) -> Tensor | None:
+        """One blank image at the data's ``image_size``, unless one was set; ``None`` when no size is known.
+
+        Lightning's model summary runs it through ``forward`` to fill its FLOPs column.
+        """
+        if self._example_input_array is not None:
+            return self._example_input_array  # type: ignore[return-value]
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        hparams = getattr(datamodule, "hparams", {})
+        size = getattr(datamodule, "image_size", None) or hparams.get("image_size") or getattr(self, "image_size", None)
+        return torch.zeros(1, self.in_channels, int(size), int(size)) if size else None
+
+    @example_input_array.setter
+    def example_input_array(self, example: Tensor | None) -> None:
+        self._example_input_array = example
+
+    @property
     def network(self) -> nn.Module:
         """The trained network (its parameters are optimised, its buffers guarded)."""
         raise NotImplementedError

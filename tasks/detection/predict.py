@@ -9,8 +9,8 @@ Both write the same files:
   ``[x, y, w, h]`` in original pixels, ``score``), every detection the model returns.
 - ``images.json``: ``{"images": [{"id", "file_name", "width", "height"}], "categories": [...]}``,
   what the ``image_id`` values refer to.
-- ``<stem>_det.png``: the image with the boxes scoring at least ``score_threshold``, labelled
-  ``name score``.
+- ``<stem>_det.png``: the image with the boxes scoring at least ``score_threshold`` after a per-class
+  NMS (for the picture only), labelled ``name score``, and a legend with the threshold.
 """
 
 from __future__ import annotations
@@ -22,33 +22,105 @@ from typing import Any
 
 import lightning as L
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
+from torch import Tensor
 from torch.utils.data import DataLoader
-from torchvision.utils import draw_bounding_boxes
+from torchvision.ops import batched_nms
 
 from tasks.common.checkpoint_io import WEIGHT_SOURCES_OFF
 from tasks.common.distributed import gather_per_image
+from tasks.common.drawing import CANVAS_RGB, LegendEntry, draw_legend, font, legend_height
 from tasks.common.writers import PredictionWriter
 from tasks.detection.coco_eval import to_coco_results
 from tasks.detection.data import ImageFolderDataset, collate_detection, load_rgb
 from tasks.detection.task import DetectionTask
 
-_COLOURS = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45", "#fabed4")
+# Distinct saturated colours; label i gets _COLOURS[i % len]. Every box also gets a black outer line, so it
+# stays visible on an object of its own colour.
+_COLOURS = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+            (240, 50, 230), (210, 245, 60), (250, 190, 212), (255, 225, 25))  # fmt: skip
+DRAW_NMS_IOU = 0.5
+
+
+def boxes_to_draw(detection: dict[str, Any], score_threshold: float, nms_iou: float = DRAW_NMS_IOU) -> Tensor:
+    """Indices of the detections worth drawing: score ``>= score_threshold``, then per-class NMS at ``nms_iou``.
+
+    The model returns up to 100 detections per image (what COCO scoring wants), many of them overlapping
+    copies of one object at low scores; a picture shows one box per object.
+    """
+    scores = detection["scores"].float()
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    if len(keep) == 0:
+        return keep
+    boxes = detection["boxes_xyxy"][keep].float()
+    kept = batched_nms(boxes, scores[keep], detection["labels"][keep], nms_iou)
+    return keep[kept]
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _contrast(colour: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever reads better on ``colour``."""
+    return (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
 
 
 def draw_detections(
-    image_path: str | Path, detection: dict[str, Any], class_names: Sequence[str], score_threshold: float = 0.3
+    image_path: str | Path,
+    detection: dict[str, Any],
+    class_names: Sequence[str],
+    score_threshold: float = 0.3,
+    nms_iou: float = DRAW_NMS_IOU,
+    min_side: int = 320,
 ) -> Image.Image:
-    """The image at ``image_path`` (as RGB) with the detections scoring ``>= score_threshold`` drawn."""
-    rgb = torch.from_numpy(load_rgb(Path(image_path))).permute(2, 0, 1)
-    keep = detection["scores"] >= score_threshold
-    labels = detection["labels"][keep].tolist()
-    scores = detection["scores"][keep].tolist()
-    captions = [f"{class_names[lab]} {s:.2f}" for lab, s in zip(labels, scores, strict=True)]
-    colours = [_COLOURS[lab % len(_COLOURS)] for lab in labels]
-    width = max(1, round(max(rgb.shape[1:]) / 300))  # visible on large photos, not blotting small ones
-    drawn = draw_bounding_boxes(rgb, detection["boxes_xyxy"][keep].cpu(), captions, colours, width=width)
-    return Image.fromarray(drawn.permute(1, 2, 0).numpy())
+    """The image at ``image_path`` (as RGB) with its detections drawn, and a legend strip below it.
+
+    Drawn: the detections of :func:`boxes_to_draw`, each a box in its class colour with a black outer
+    line and a ``name score`` label; line width and text size follow the image size. Images whose
+    longer side is under ``min_side`` are enlarged by an integer factor first, so labels stay readable.
+    The legend names the classes drawn, the threshold and how many of the detections are shown.
+    """
+    image = Image.fromarray(load_rgb(Path(image_path)))
+    factor = max(1, -(-min_side // max(image.size)))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.BICUBIC)
+    keep = boxes_to_draw(detection, score_threshold, nms_iou).tolist()
+    long_side = max(image.size)
+    line, size = max(2, round(long_side / 250)), max(12, min(40, round(long_side / 32)))
+    draw = ImageDraw.Draw(image)
+    order = sorted(keep, key=lambda k: float(detection["scores"][k]))
+    for i in order:  # best boxes drawn last, on top
+        colour = _COLOURS[int(detection["labels"][i]) % len(_COLOURS)]
+        x1, y1, x2, y2 = (float(v) * factor for v in detection["boxes_xyxy"][i])
+        draw.rectangle((x1 - line, y1 - line, x2 + line, y2 + line), outline=(0, 0, 0), width=line + 2)
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line)
+    placed: list[tuple[float, float, float, float]] = []
+    for i in reversed(order):  # the best boxes choose their label's place first
+        label = int(detection["labels"][i])
+        caption = f"{class_names[label]} {float(detection['scores'][i]):.2f}"
+        x1, y1, x2, y2 = (float(v) * factor for v in detection["boxes_xyxy"][i])
+        w, h = draw.textlength(caption, font=font(size)) + 4, size + 3
+        x = min(max(x1 - line, 0), image.width - w)
+        # Above the box, else inside its top, else below it: the first place no other label covers.
+        spots = [(x, y) for y in (y1 - line - h - 1, y1 + line, y2 + line + 1) if 0 <= y <= image.height - h]
+        free = [r for r in ((sx, sy, sx + w, sy + h) for sx, sy in spots) if not any(_overlap(r, p) for p in placed)]
+        box = free[0] if free else (x, max(0.0, min(y1 + line, image.height - h)), x + w, 0.0)
+        box = (box[0], box[1], box[0] + w, box[1] + h)
+        placed.append(box)
+        colour = _COLOURS[label % len(_COLOURS)]
+        draw.rectangle(box, fill=colour, outline=(0, 0, 0))
+        draw.text((box[0] + 2, box[1] + 1), caption, fill=_contrast(colour), font=font(size))
+    labels = sorted({int(detection["labels"][i]) for i in keep})
+    entries: list[LegendEntry] = [(_COLOURS[k % len(_COLOURS)], str(class_names[k])) for k in labels]
+    entries.append((None, f"score >= {score_threshold:.2f}, per-class NMS {nms_iou:.1f}: "
+                                  f"{len(keep)} of {len(detection['scores'])} detections"))  # fmt: skip
+    legend_size = max(12, min(24, round(long_side / 40)))
+    canvas = Image.new("RGB", (image.width, image.height + legend_height(entries, image.width, legend_size)),
+                       CANVAS_RGB)  # fmt: skip
+    canvas.paste(image, (0, 0))
+    draw_legend(canvas, entries, image.height + 4, legend_size)
+    return canvas
 
 
 def write_predictions(
@@ -152,9 +224,11 @@ class DetectionWriter(PredictionWriter):
         """Gather every rank's detections and write the files once (rank 0)."""
         unique = list(gather_per_image(self._predictions).values())  # DistributedSampler repeats some images
         self._predictions = {}
+        out = self.output_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            out = self.output_path(trainer)
             if not isinstance(pl_module, DetectionTask):
                 raise TypeError(f"DetectionWriter needs a DetectionTask, got {type(pl_module).__name__}")
             cats, names = pl_module.category_ids, pl_module.class_names
-            write_predictions(unique, out, cats, names, self.score_threshold, self.draw)
+            results = write_predictions(unique, out, cats, names, self.score_threshold, self.draw)
+            drawn = [out / f"{Path(p['file_name']).stem}_det.png" for p in unique] if self.draw else []
+            self.record([results, out / "images.json", *drawn])

@@ -5,6 +5,7 @@ Plots live here rather than in ``validation_step``: the task only returns its pr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,12 +34,40 @@ def _ids(labels: Tensor) -> np.ndarray:
     return multilabel_to_ids(array) if array.ndim == 3 else array
 
 
+def spread_sample(total: int, count: int) -> list[int]:
+    """``count`` indices evenly spread over ``0..total-1`` (first and last included), sorted and distinct.
+
+    Consecutive images of a dataset are often near-duplicates (video frames, tiles of one slide), so the
+    first ``count`` would show one scene; spread indices show the range of the split.
+    """
+    if total <= 0 or count <= 0:
+        return []
+    n = min(count, total)
+    return sorted({round(i * (total - 1) / max(n - 1, 1)) for i in range(n)})
+
+
+def _eval_length(trainer: L.Trainer) -> int:
+    """Samples this rank's validation loop goes through (after ``limit_val_batches``)."""
+    loaders = trainer.val_dataloaders
+    loader = loaders[0] if isinstance(loaders, Sequence) else loaders
+    batches = trainer.num_val_batches
+    n_batches = batches[0] if isinstance(batches, Sequence) else batches
+    try:
+        total = len(loader.sampler) if loader.sampler is not None else len(loader.dataset)
+    except (AttributeError, TypeError):
+        return 0
+    batch_size = getattr(loader, "batch_size", None)
+    if batch_size and n_batches is not None and n_batches != float("inf"):
+        total = min(total, int(n_batches) * batch_size)
+    return total
+
+
 class SegmentationOverlays(Callback):
     """Save ``num_samples`` validation images with ground truth and prediction side by side.
 
     Each validation epoch writes ``<log dir>/overlays/epoch_<n>.png`` (and an image to TensorBoard
-    when a ``TensorBoardLogger`` is attached). The same first validation samples are drawn every
-    epoch, so the PNGs show the model learning.
+    when a ``TensorBoardLogger`` is attached). The samples are spread evenly over the validation split
+    (its first and last image included) and are the same every epoch, so the PNGs show the model learning.
 
     Args:
         num_samples: Rows in each panel.
@@ -50,14 +79,17 @@ class SegmentationOverlays(Callback):
         super().__init__()
         self.num_samples, self.every_n_epochs, self.min_side = num_samples, every_n_epochs, min_side
         self._rows: list[tuple[np.ndarray, np.ndarray | None, np.ndarray]] = []
+        self._wanted: set[int] = set()
+        self._seen = 0
         self.last_path: Path | None = None
 
     def _active(self, trainer: L.Trainer) -> bool:
         return not trainer.sanity_checking and trainer.current_epoch % self.every_n_epochs == 0
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Start a new panel."""
-        self._rows = []
+        """Start a new panel and choose which samples go in it."""
+        self._rows, self._seen = [], 0
+        self._wanted = set(spread_sample(_eval_length(trainer), self.num_samples)) if self._active(trainer) else set()
 
     def on_validation_batch_end(
         self,
@@ -68,13 +100,14 @@ class SegmentationOverlays(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Keep the first samples' image, truth and prediction (cropped to each sample's own size)."""
-        if not self._active(trainer) or len(self._rows) >= self.num_samples:
-            return
-        if not isinstance(outputs, dict) or "preds" not in outputs:
+        """Keep the chosen samples' image, truth and prediction (cropped to each sample's own size)."""
+        first, self._seen = self._seen, self._seen + len(batch["image"])
+        if dataloader_idx or not isinstance(outputs, dict) or "preds" not in outputs:
             return
         sizes = batch["size"].tolist() if "size" in batch else [batch["image"].shape[-2:]] * len(batch["image"])
-        for i in range(min(len(batch["image"]), self.num_samples - len(self._rows))):
+        for i in range(len(batch["image"])):
+            if first + i not in self._wanted:
+                continue
             h, w = sizes[i]
             rgb = _display(batch["image"][i, :, :h, :w], trainer.datamodule)
             truth = _ids(batch["mask"][i][..., :h, :w]) if "mask" in batch else None
@@ -82,16 +115,16 @@ class SegmentationOverlays(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Render and save the panel (here rather than at epoch end: the epoch's mIoU is logged by now)."""
-        if not self._active(trainer) or not self._rows or not trainer.is_global_zero:
+        if not self._active(trainer):
             return
-        # Rows of different sizes (eval_resize="pad") are drawn at the first row's size.
-        h, w = self._rows[0][0].shape[:2]
-        rows = [r for r in self._rows if r[0].shape[:2] == (h, w)]
+        out_dir = run_subdir(trainer, "overlays")  # on every rank: trainer.log_dir is a collective under DDP
+        if not self._rows or not trainer.is_global_zero:
+            return
+        rows = self._rows
         names = getattr(pl_module, "class_names", None) or [str(i) for i in range(1 + max(r[2].max() for r in rows))]
         miou = trainer.callback_metrics.get("val/miou")
         title = f"epoch {trainer.current_epoch}" + (f"  val mIoU {float(miou):.3f}" if miou is not None else "")
         panel = render_panel(rows, names, title=title, min_side=self.min_side)
-        out_dir = run_subdir(trainer, "overlays")
         out_dir.mkdir(parents=True, exist_ok=True)
         self.last_path = out_dir / f"epoch_{trainer.current_epoch:03d}.png"
         panel.save(self.last_path)

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.common.images import default_stats, find_images, read_image
 from tasks.common.sampling import make_loader
 from tasks.segmentation.io import check_pair, find_pairs, read_mask
+from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks, holds_other_data
 from tasks.segmentation.transforms import EvalResize, build_transforms
 
 IGNORE_LABEL = -100
@@ -158,6 +159,8 @@ class MaskDataModule(L.LightningDataModule):
         mean: Normalisation mean per channel (default ImageNet's, averaged for non-RGB).
         std: Normalisation std per channel.
         predict_dir: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
+        synthetic: Generate the synthetic shapes dataset of this spec into ``root`` on first use (the
+            quickstart); ignored when ``root`` holds other data, which is read as is.
     """
 
     def __init__(
@@ -184,13 +187,24 @@ class MaskDataModule(L.LightningDataModule):
         mean: list[float] | None = None,
         std: list[float] | None = None,
         predict_dir: str | None = None,
+        synthetic: SyntheticMaskSpec | None = None,
     ) -> None:
         super().__init__()
         # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
         # saving the raw arguments too would clash with the model's hparams when Lightning merges them.
-        self.save_hyperparameters(ignore=["num_classes", "class_names", "ignore_index", "mean", "std"])
+        # (The spec is a dataclass, which a weights-only checkpoint cannot hold.)
+        self.save_hyperparameters(ignore=["num_classes", "class_names", "ignore_index", "mean", "std", "synthetic"])
         self.root = Path(root)
-        meta = _read_classes_json(self.root)
+        # A config's synthetic spec (the quickstart's) with a root that holds the user's own data: read that data.
+        self.synthetic = None if synthetic is None or holds_other_data(self.root) else synthetic
+        synthetic = self.synthetic
+        if not self.root.is_dir() and synthetic is None and predict_dir is None:
+            raise FileNotFoundError(
+                f"segmentation data folder {self.root} does not exist; set data root to a folder "
+                "with train/images and train/masks (layout: docs/segmentation.md)"
+            )
+        # Known without generating anything: the spec names the classes.
+        meta = _read_classes_json(self.root) or ({"classes": synthetic.class_names} if synthetic else {})
         names = class_names or meta.get("classes")
         self.num_classes: int = num_classes or meta.get("num_classes") or (len(names) if names else 0)
         if self.num_classes < 1:
@@ -235,8 +249,14 @@ class MaskDataModule(L.LightningDataModule):
         rank_zero_info(f"no {self.root / 'val'}: holding out {n_val} of {len(train)} training images")
         return [train[i] for i in order[n_val:]], [train[i] for i in sorted(order[:n_val])]
 
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset once (on local rank 0) when configured and absent."""
+        if self.synthetic is not None:
+            ensure_masks(self.root, self.synthetic)
+
     def setup(self, stage: str) -> None:
         """Build the datasets ``stage`` needs (file lists only; images are read lazily)."""
+        self.prepare_data()  # a no-op when the data is there (Python users may call setup alone)
         if stage in ("fit", "validate") and "val" not in self.datasets:
             train, val = self._train_val_pairs()
             self.datasets["train"] = self._dataset(train * self.hparams.train_repeats, "train")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,6 +40,9 @@ class SyntheticMaskSpec:
         object_scale: Range of the shape size as a fraction of the shorter side.
         mask_format: ``"ids"`` (8-bit class ids) or ``"palette"`` (RGB colours of ``PALETTE``).
         seed: Seed of everything random; the same spec gives the same bytes.
+        num_large: Images in ``large``: ``large_size`` images with shapes of the same pixel size as in
+            ``train`` (more of them), for tiled prediction; masks included (0: none).
+        large_size: ``(height, width)`` of the ``large`` images.
     """
 
     num_train: int = 64
@@ -52,11 +55,21 @@ class SyntheticMaskSpec:
     object_scale: tuple[float, float] = (0.2, 0.45)
     mask_format: Literal["ids", "palette"] = "ids"
     seed: int = 0
+    num_large: int = 0
+    large_size: tuple[int, int] = (192, 256)
 
     @property
     def class_names(self) -> list[str]:
         """``background`` followed by the shape names."""
         return ["background", *SHAPES[: self.num_shapes]]
+
+    def large_spec(self) -> SyntheticMaskSpec:
+        """The spec of the ``large`` split: shapes as many pixels wide as in ``train``, 2.5x as many per image."""
+        side = min((self.size, self.size) if isinstance(self.size, int) else self.size)
+        factor = side / min(self.large_size)  # object_scale is relative to the shorter side
+        scale = (round(self.object_scale[0] * factor, 4), round(self.object_scale[1] * factor, 4))
+        return replace(self, size=self.large_size, max_objects=self.max_objects * 5 // 2, object_scale=scale,
+                       seed=self.seed + 1, num_large=0)  # fmt: skip
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -152,6 +165,8 @@ def generate_masks(root: str | Path, spec: SyntheticMaskSpec | None = None) -> P
         if count:
             write_split(root, split, spec, count, start)
         start += count
+    if spec.num_large:
+        write_split(root, "large", spec.large_spec(), spec.num_large)
     meta: dict[str, object] = {
         "classes": spec.class_names,
         "num_classes": spec.num_shapes + 1,
@@ -164,11 +179,25 @@ def generate_masks(root: str | Path, spec: SyntheticMaskSpec | None = None) -> P
     return root
 
 
+def holds_other_data(root: str | Path) -> bool:
+    """Whether ``root`` holds a dataset this module did not generate (a ``train`` folder, no recorded spec)."""
+    root = Path(root)
+    meta_path = root / "classes.json"
+    generated = meta_path.is_file() and "spec" in json.loads(meta_path.read_text())
+    return (root / "train").exists() and not generated
+
+
 def ensure_masks(root: str | Path, spec: SyntheticMaskSpec | None = None) -> Path:
-    """Generate the dataset under ``root`` unless its ``classes.json`` records the same spec."""
+    """Generate the dataset under ``root`` unless its ``classes.json`` records the same spec.
+
+    A generated dataset of another spec is replaced; a folder holding other data is never written to.
+    """
     spec = spec or SyntheticMaskSpec()
     meta_path = Path(root) / "classes.json"
     if meta_path.is_file():
         if json.loads(meta_path.read_text()).get("spec") == _spec_json(spec):
             return Path(root)
+    if holds_other_data(root):
+        raise FileExistsError(f"{root} holds a dataset that was not generated here; generating the synthetic one "
+                              "would overwrite it: choose another folder for the synthetic data")  # fmt: skip
     return generate_masks(root, spec)

@@ -1,13 +1,21 @@
-"""Drawing segmentation results: class colours, overlays, and image | truth | prediction panels."""
+"""Drawing segmentation results: class colours, overlays, and image | truth | prediction | errors panels.
+
+Overlays tint a grey copy of the image: saturated class colours then stand apart from whatever colours
+the objects have themselves (a red object tinted red would vanish on the colour image), and white
+outlines mark every region border. Every picture carries a legend of the classes it shows; ignored
+pixels (negative ids) are white and get an "ignored" entry instead of a class name.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-# Distinct colours (Tableau/Kelly-like); class i gets PALETTE[i % len]. Ignored pixels are white.
+from tasks.common.drawing import CANVAS_RGB, TEXT_RGB, LegendEntry, draw_legend, font, legend_height
+
+# Distinct saturated colours (Kelly/Tableau-like); class i gets PALETTE[i % len]. Ignored pixels are white.
 PALETTE = np.array(
     [
         (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
@@ -51,21 +59,23 @@ def boundaries(labels: np.ndarray) -> np.ndarray:
     return edge
 
 
-def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend class colours over an HxWx3 uint8 image and outline the regions in white.
+def overlay(rgb: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """Class colours blended over a grey copy of an HxWx3 uint8 image, region borders in white.
 
-    Background-named (black) classes stay untinted. The outline keeps regions visible where a
-    class colour resembles the image's own colour.
+    The grey copy (luma squeezed into 30-190) keeps the image's structure while no object colour can
+    hide a tint; background-named (black) classes stay untinted.
     """
+    luma = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    grey = np.repeat((30 + luma * (160 / 255))[..., None], 3, axis=2)
     colours = colorize(labels, palette).astype(np.float32)
-    tint = colours.any(axis=2, keepdims=True)
-    out = np.where(tint, (1 - alpha) * rgb + alpha * colours, rgb).round().astype(np.uint8)
+    tint = colours.any(axis=2, keepdims=True) & (labels >= 0)[..., None]
+    out = np.where(tint, (1 - alpha) * grey + alpha * colours, grey).round().astype(np.uint8)
     out[boundaries(labels)] = 255
     return out
 
 
 def error_map(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """HxWx3: wrong pixels red, right ones dark gray, ignored (negative truth) black."""
+    """HxWx3: wrong pixels red, right ones dark grey, ignored (negative truth) black."""
     out = np.full((*truth.shape, 3), 60, dtype=np.uint8)
     out[(pred != truth) & (truth >= 0)] = (255, 40, 40)
     out[truth < 0] = 0
@@ -81,8 +91,51 @@ def multilabel_to_ids(planes: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str) -> None:
-    draw.text(xy, text, fill=(255, 255, 255), font=ImageFont.load_default())
+def legend_entries(
+    class_names: Sequence[str], palette: np.ndarray, *label_maps: np.ndarray | None
+) -> list[LegendEntry]:
+    """``(colour, text)`` for each class present in ``label_maps`` (all classes when none are given).
+
+    In class-id order, plus an "ignored" entry when a map has negative (ignored) pixels.
+    """
+    maps = [m for m in label_maps if m is not None]
+    present = set(np.unique(np.concatenate([m.ravel() for m in maps])).tolist()) if maps else None
+    entries: list[LegendEntry] = [
+        ((int(palette[k][0]), int(palette[k][1]), int(palette[k][2])), f"{k} {name}")
+        for k, name in enumerate(class_names)
+        if present is None or k in present
+    ]
+    if present is not None and any(v < 0 for v in present):
+        entries.append((IGNORE_RGB, "ignored (not scored)"))
+    return entries
+
+
+def _text_size(cell_h: int) -> int:
+    return max(11, min(18, cell_h // 10))
+
+
+def render_overlay(
+    rgb: np.ndarray, labels: np.ndarray, class_names: Sequence[str], min_side: int = 256, title: str = ""
+) -> Image.Image:
+    """An overlay (:func:`overlay`) with a title line and a legend of the classes it shows below it.
+
+    Small images are enlarged (nearest, an integer factor) until their shorter side reaches ``min_side``,
+    so that the legend's text stays readable beside them.
+    """
+    palette = class_palette(class_names)
+    h, w = labels.shape
+    scale = max(1, -(-min_side // min(h, w)))
+    image = Image.fromarray(overlay(rgb, labels, palette)).resize((w * scale, h * scale), Image.Resampling.NEAREST)
+    size = _text_size(image.height)
+    entries = legend_entries(class_names, palette, labels)
+    header = size + 8 if title else 0
+    canvas = Image.new("RGB", (image.width, header + image.height + legend_height(entries, image.width, size)),
+                       CANVAS_RGB)  # fmt: skip
+    if title:
+        ImageDraw.Draw(canvas).text((4, 4), title, fill=TEXT_RGB, font=font(size))
+    canvas.paste(image, (0, header))
+    draw_legend(canvas, entries, header + image.height + 4, size)
+    return canvas
 
 
 def render_panel(
@@ -93,41 +146,40 @@ def render_panel(
 ) -> Image.Image:
     """A grid with one row per sample: image | ground truth | prediction | errors, plus a legend.
 
-    Truth and prediction are drawn as plain class-colour maps (easiest to compare); the error
-    column marks wrong pixels in red.
+    Truth and prediction are drawn as plain class-colour maps (easiest to compare); the error column
+    marks wrong pixels in red. Rows may differ in size: each is scaled (nearest) to fit the cell.
 
     Args:
         rows: ``(rgb uint8 HxWx3, truth ids HxW or None, prediction ids HxW)`` per sample.
-        class_names: Legend names, in class-id order.
+        class_names: Legend names, in class-id order (the legend lists those present in the rows).
         title: Text on the header line (e.g. the epoch).
         min_side: Small images are enlarged (nearest) until their shorter side reaches this.
     """
     palette = class_palette(class_names)
-    h, w = rows[0][0].shape[:2]
+    h = max(r[0].shape[0] for r in rows)
+    w = max(r[0].shape[1] for r in rows)
     scale = max(1, -(-min_side // min(h, w)))
-    cell_w, cell_h, gap, header = w * scale, h * scale, 4, 18
-    cols = ("image", "ground truth", "prediction", "errors")
-    legend_h = 16 * (1 + (len(class_names) - 1) // 4)
-    ncols = 4
-    size = (ncols * cell_w + (ncols + 1) * gap, header * 2 + len(rows) * (cell_h + gap) + legend_h + gap)
-    canvas = Image.new("RGB", size, (40, 40, 40))
+    cell_w, cell_h, gap = w * scale, h * scale, 4
+    size = _text_size(cell_h)
+    header = size + 8
+    cols = ("image", "ground truth", "prediction", "errors (red: wrong)")
+    width = 4 * cell_w + 5 * gap
+    entries = legend_entries(class_names, palette, *(m for r in rows for m in (r[1], r[2])))
+    height = 2 * header + len(rows) * (cell_h + gap) + legend_height(entries, width, size)
+    canvas = Image.new("RGB", (width, height), CANVAS_RGB)
     draw = ImageDraw.Draw(canvas)
-    _text(draw, (gap, 3), title)
+    draw.text((gap, 4), title, fill=TEXT_RGB, font=font(size))
     for j, name in enumerate(cols):
-        _text(draw, (gap + j * (cell_w + gap), header + 3), name)
+        draw.text((gap + j * (cell_w + gap), header + 4), name, fill=TEXT_RGB, font=font(size))
     for i, (rgb, truth, pred) in enumerate(rows):
         blank = np.zeros_like(rgb)
         truth_cell = colorize(truth, palette) if truth is not None else blank
         errors = error_map(truth, pred) if truth is not None else blank
-        cells = [rgb, truth_cell, colorize(pred, palette), errors]
         y = 2 * header + i * (cell_h + gap)
-        for j, cell in enumerate(cells):
-            im = Image.fromarray(cell).resize((cell_w, cell_h), Image.Resampling.NEAREST)
-            canvas.paste(im, (gap + j * (cell_w + gap), y))
-    y0 = 2 * header + len(rows) * (cell_h + gap)
-    slot = (canvas.width - gap) // 4  # four legend entries per line
-    for k, name in enumerate(class_names):
-        x, y = gap + (k % 4) * slot, y0 + (k // 4) * 16
-        draw.rectangle((x, y + 2, x + 11, y + 13), fill=tuple(int(v) for v in palette[k]), outline=(200, 200, 200))
-        _text(draw, (x + 16, y + 2), f"{k} {name}")
+        rh, rw = rgb.shape[:2]
+        fit = min(cell_w / rw, cell_h / rh)  # keep the aspect ratio inside the cell
+        shown = (max(1, round(rw * fit)), max(1, round(rh * fit)))
+        for j, cell in enumerate((rgb, truth_cell, colorize(pred, palette), errors)):
+            canvas.paste(Image.fromarray(cell).resize(shown, Image.Resampling.NEAREST), (gap + j * (cell_w + gap), y))
+    draw_legend(canvas, entries, 2 * header + len(rows) * (cell_h + gap), size)
     return canvas

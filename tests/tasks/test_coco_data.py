@@ -147,8 +147,8 @@ def test_synthetic_generator_is_deterministic(tmp_path):
         dataset(a / "annotations" / "instances_train.json", a)
 
 
-def test_raccoon_reads_with_grayscale_images(shared_data):
-    root = shared_data / "raccoon"
+def test_raccoon_reads_with_grayscale_images(raccoon_data):
+    root = raccoon_data
     dm = CocoDataModule(root=str(root), image_size=128, batch_size=2)
     assert dm.num_classes == 1 and dm.category_map.names == ("raccoon",)
     dm.setup("validate")

@@ -88,20 +88,43 @@ def test_predict_tiles_large_images_to_mask_and_overlay_pngs(data, trained, tmp_
         mask = Image.open(out / f"{name}_mask.png")
         assert mask.mode == "P" and mask.size == (150, 70)
         assert set(np.unique(np.array(mask))) <= {0, 1, 2, 3}
-        assert Image.open(out / f"{name}_overlay.png").size == (150, 70)
+        overlay = Image.open(out / f"{name}_overlay.png")  # enlarged 4x (shorter side >= 256), legend below
+        assert overlay.width == 4 * 150 and overlay.height > 4 * 70
+        panel = Image.open(out / f"{name}_panel.png")  # the large split has masks: image | truth | pred | errors
+        assert panel.width > 4 * 150
 
 
-def test_export_onnx_matches_pytorch(trained, tmp_path):
-    pytest.importorskip("onnxruntime")
+def test_export_is_dynamic_in_batch_height_and_width(trained, tmp_path, capsys):
+    ort = pytest.importorskip("onnxruntime")
     cli, _ = trained
     onnx_path = tmp_path / "seg.onnx"
     assert main(["export", "--ckpt", cli.trainer.checkpoint_callback.best_model_path,
                  "--output", str(onnx_path), "--height", "64", "--width", "96"]) == 0  # fmt: skip
-    assert onnx_path.stat().st_size > 1_000_000
+    assert f"export: {tmp_path} (2 files: seg.onnx, seg.onnx.json)" in capsys.readouterr().out
     import json
 
     info = json.loads(Path(f"{onnx_path}.json").read_text())
-    assert info["max_abs_diff"] < 1e-4 and info["class_names"][1] == "ellipse"
+    assert info["input"]["shape"] == ["batch", 3, "height", "width"] and info["class_names"][1] == "ellipse"
+    assert info["max_abs_diff"] < 1e-4 and len(info["verified_sizes"]) == 2  # onnxruntime at two sizes
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    model = cli.model.eval()
+    for shape in ((1, 3, 45, 77), (3, 3, 128, 64)):  # odd and other sizes than the export example
+        x = torch.randn(shape)
+        got = session.run(["logits"], {"image": x.numpy()})[0]
+        with torch.no_grad():
+            expected = model(x).numpy()
+        assert got.shape == (shape[0], 4, *shape[2:]) and np.abs(got - expected).max() < 1e-4
+
+
+def test_static_export_fixes_height_and_width(trained, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    cli, _ = trained
+    onnx_path = tmp_path / "static.onnx"
+    assert main(["export", "--ckpt", cli.trainer.checkpoint_callback.best_model_path, "--output", str(onnx_path),
+                 "--static", "--height", "64", "--width", "96", "--no-verify"]) == 0  # fmt: skip
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[2:] == [64, 96]
+    assert session.run(["logits"], {"image": np.zeros((2, 3, 64, 96), np.float32)})[0].shape == (2, 4, 64, 96)
 
 
 def test_overlays_go_to_tensorboard(data, tmp_path):
@@ -139,4 +162,6 @@ def test_quickstart_one_epoch(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0 and "val mIoU (best checkpoint):" in printed and "last checkpoint:" in printed
     assert len(list(out.glob("lightning_logs/version_0/predictions/*_overlay.png"))) == 4
+    assert len(list(out.glob("lightning_logs/version_0/predictions/*_panel.png"))) == 4  # large/ has masks
+    assert "training curves:" in printed and (out / "lightning_logs/version_0/curves.png").is_file()
     assert list(out.glob("lightning_logs/version_0/checkpoints/best-*.ckpt"))

@@ -1,4 +1,4 @@
-"""The membrane recipe on the real ISBI 2012 data in ../shared (skipped when that folder is absent)."""
+"""The membrane recipe on the real ISBI 2012 data (skipped, naming the dataset, when it is absent)."""
 
 from pathlib import Path
 
@@ -13,10 +13,8 @@ from tasks.cli import run_cli  # noqa: E402
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "segmentation" / "membrane_unet_b0.yaml"
 
 
-def test_membrane_config_reads_the_data_and_runs_a_step(shared_data, tmp_path):
-    root = shared_data / "isbi2012_membrane"
-    if not root.is_dir():
-        pytest.skip(f"{root} is not present")
+def test_membrane_config_reads_the_data_and_runs_a_step(membrane_data, tmp_path):
+    root = membrane_data
     args = [
         "fit", "--config", str(CONFIG), f"--data.root={root}", f"--trainer.default_root_dir={tmp_path}",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.fast_dev_run=true", "--trainer.accelerator=cpu",
