@@ -3,7 +3,8 @@
 One ``_shared_step`` serves train/val/test; metrics are a ``MetricCollection`` cloned with the
 ``train/``, ``val/`` and ``test/`` prefixes and logged once per epoch; predictions of images larger
 than ``tile_size`` are tiled (see :mod:`tasks.segmentation.predict`). Any image size works: ``forward``
-pads to a multiple of ``size_divisibility`` and crops the logits back.
+pads to a multiple of ``size_divisibility`` and crops the logits back. With ``ema_decay`` an EMA of the weights
+(:class:`~tasks.common.base.BaseTask`) gives the validation, test and prediction outputs (any eval-mode forward).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 import effbackbone.integrations.smp as eb_smp
 from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.schedules import LRSchedule
 from tasks.segmentation.data import IGNORE_LABEL
 from tasks.segmentation.losses import CompositeLoss
 from tasks.segmentation.metrics import build_metrics, to_metric_input
@@ -77,7 +79,16 @@ class SegmentationTask(BaseTask):
         channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC): the same
             results, and a U-Net-B0 training step ~1.35x faster on CPU (docs/performance.md).
         optimizer: Optimizer factory; norms and biases get no weight decay.
-        lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``).
+        lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``); replaces
+            ``lr_schedule`` when set.
+        lr_schedule: ``warmup_cosine`` (default: linear warmup, then cosine decay, per optimizer step) or
+            ``constant``; used when ``lr_scheduler`` is not set (docs/training.md).
+        warmup_steps: Warmup length in optimizer steps; ``None`` uses ``warmup_fraction``.
+        warmup_fraction: Warmup length as a fraction of the run's optimizer steps.
+        min_lr_factor: Final lr of ``warmup_cosine`` as a fraction of the initial one.
+        encoder_lr_mult: Learning-rate multiplier of the encoder relative to the decoder and head.
+        ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and validate/test/predict/export
+            with it; ``None`` disables it.
     """
 
     def __init__(
@@ -105,11 +116,19 @@ class SegmentationTask(BaseTask):
         channels_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: LRSchedule = "warmup_cosine",
+        warmup_steps: int | None = None,
+        warmup_fraction: float = 0.05,
+        min_lr_factor: float = 0.01,
+        encoder_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
-            channels_last=channels_last,
-        )
+            channels_last=channels_last, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            warmup_fraction=warmup_fraction, min_lr_factor=min_lr_factor, encoder_lr_mult=encoder_lr_mult,
+            ema_decay=ema_decay,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if mode == "binary" and num_classes != 2:
             raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {num_classes}")
@@ -130,6 +149,7 @@ class SegmentationTask(BaseTask):
             **(decoder_options or {}),
         )
         self.model = self.to_layout(self.model)
+        self.init_ema()  # after the layout, which the EMA copy inherits
         # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride).
         self.size_divisibility = int(self.model.encoder.output_stride)
         self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
@@ -144,13 +164,22 @@ class SegmentationTask(BaseTask):
         """The smp model (encoder, decoder, head)."""
         return self.model
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The smp encoder (``encoder_lr_mult`` applies to it)."""
+        return self.model.encoder
+
     def forward(self, image: Tensor) -> Tensor:
-        """Logits (N x C x H x W, C = 1 for binary) for any size (padded to ``size_divisibility``, cropped back)."""
+        """Logits (N x C x H x W, C = 1 for binary) for any size (padded to ``size_divisibility``, cropped back).
+
+        In eval mode (validation, test, prediction, export) the EMA weights answer when ``ema_decay`` is set.
+        """
         h, w = image.shape[-2:]
         pad_h, pad_w = -h % self.size_divisibility, -w % self.size_divisibility
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h))  # zeros = the mean after normalisation
-        return self.model(self.prepare_images(image))[..., :h, :w]
+        network = self.model if self.training else self.eval_network()
+        return network(self.prepare_images(image))[..., :h, :w]
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Per-class probabilities (N x num_classes x H x W; binary gives background and foreground)."""
