@@ -22,6 +22,7 @@ from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
 from tasks.common.schedules import LRSchedule
 from tasks.segmentation.data import IGNORE_LABEL
+from tasks.segmentation.distill import DistillConfig, distillation_kl, load_teacher, teacher_logits
 from tasks.segmentation.losses import CompositeLoss
 from tasks.segmentation.metrics import build_metrics, to_metric_input
 from tasks.segmentation.tiling import sliding_window
@@ -89,6 +90,9 @@ class SegmentationTask(BaseTask):
         encoder_lr_mult: Learning-rate multiplier of the encoder relative to the decoder and head.
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and validate/test/predict/export
             with it; ``None`` disables it.
+        distill: Knowledge distillation from a frozen teacher checkpoint of this task:
+            ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
+            plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
     """
 
     def __init__(
@@ -122,6 +126,7 @@ class SegmentationTask(BaseTask):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
+        distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -140,6 +145,8 @@ class SegmentationTask(BaseTask):
         self.mean, self.std = mean, std
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.distill = DistillConfig.parse(distill) if distill else None
+        self._teacher: list[SegmentationTask] = []  # a list: not a submodule (not saved, not optimised)
         self.model = smp.create_model(
             decoder,
             encoder_name=encoder_name(variant, phi, encoder_options),
@@ -198,6 +205,10 @@ class SegmentationTask(BaseTask):
         target = batch["mask"]
         loss = self.criterion(logits, target)
         n = logits.shape[0]
+        if stage == "train" and self.distill is not None:
+            kd = self.distill_loss(batch["image"], logits, target)
+            self.log("train/loss_kd", kd, batch_size=n, on_step=True, on_epoch=True)
+            loss = loss + self.distill.weight * kd
         self.log(f"{stage}/loss", loss, batch_size=n, on_step=stage == "train", on_epoch=True, prog_bar=True)
         if len(self.criterion.parts) > 1:
             parts = {f"{stage}/loss_{k}": v for k, v in self.criterion.parts.items()}
@@ -219,6 +230,16 @@ class SegmentationTask(BaseTask):
         """As validation, logged under ``test/``."""
         loss, preds = self._shared_step(batch, "test")
         return {"loss": loss, "preds": preds}
+
+    def distill_loss(self, images: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        """The distillation term (unweighted) of the student's ``logits`` against the teacher's on ``images``."""
+        if self.distill is None:
+            raise RuntimeError("distill_loss needs the distill option (a teacher checkpoint)")
+        if not self._teacher:
+            self._teacher.append(load_teacher(self.distill, self))
+        weight = next(self.model.parameters())
+        teacher = teacher_logits(self._teacher[0], images, weight)
+        return distillation_kl(logits, teacher, target, self.mode, self.distill.temperature, self.ignore_index)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Tiled prediction of each image at its own size: ``{"path", "probs", "labels"}`` per image."""
@@ -255,13 +276,15 @@ class SegmentationTask(BaseTask):
 
     # -- training schedule -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Start from fresh metric states.
+        """Start from fresh metric states, and load the distillation teacher (failing before the first step).
 
         A ``trainer.validate``/``test`` before ``fit`` leaves states created under ``inference_mode``,
         which fit's validation (run under ``no_grad``) cannot update in place.
         """
         for stage in STAGES:
             getattr(self, f"{stage}_metrics").reset()
+        if self.distill is not None and not self._teacher:
+            self._teacher.append(load_teacher(self.distill, self))
 
     def on_train_epoch_start(self) -> None:
         """Freeze the encoder (weights and BN statistics) for the first ``freeze_encoder_epochs``."""
