@@ -68,6 +68,14 @@ def test_segmentation_cli_options_step_the_schedule_per_step_and_checkpoint_the_
     restored = SegmentationTask.load_from_checkpoint(cli.trainer.checkpoint_callback.last_model_path)
     for key in ema_keys:
         torch.testing.assert_close(restored.state_dict()[key], cli.model.state_dict()[key])
+    # Resumed for a second epoch: the schedule continues at the saved step over the new length (6 steps).
+    resumed = run_cli(["fit", *_seg_args(seg_data, tmp_path / "resumed"), "--data.batch_size=2",
+                       "--trainer.limit_val_batches=1", "--trainer.max_epochs=2",
+                       f"--ckpt_path={cli.trainer.checkpoint_callback.last_model_path}"])  # fmt: skip
+    assert resumed.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+    head_lr = max(g["lr"] for g in resumed.trainer.optimizers[0].param_groups)
+    assert head_lr == pytest.approx(0.003 * warmup_cosine(6, 2, 0.1)(6))
+    assert resumed.model.ema.n_averaged == 6  # the EMA continued too
 
 
 @pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
