@@ -1,13 +1,15 @@
 """``BaseTask``: what every task shares, written once.
 
-The optimizer and scheduler set-up (no weight decay on norms and biases), the non-finite-loss guard,
-the channels_last layout of weights and images, and the input-channel check. A task subclass builds
-its network in ``__init__``, names it in :attr:`network`, and writes its own steps around
-:meth:`guarded` and :meth:`prepare_images`.
+The optimizer and scheduler set-up (no weight decay on norms and biases, an encoder lr multiplier, warmup then
+cosine decay by default), the EMA of the weights, the non-finite-loss guard, the channels_last layout of weights
+and images, and the input-channel check. A task subclass builds its network in ``__init__``, names it in
+:attr:`network` and :attr:`encoder`, calls :meth:`init_ema` once it is built, evaluates with
+:meth:`eval_network`, and writes its own steps around :meth:`guarded` and :meth:`prepare_images`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -15,10 +17,13 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel
 
 from tasks.common.checks import check_channels
+from tasks.common.ema import build_ema, check_ema_decay
 from tasks.common.guards import NonFinitePolicy, check_loss, snapshot_buffers
-from tasks.common.optim import build_param_groups
+from tasks.common.optim import apply_lr_mult, build_param_groups
+from tasks.common.schedules import LRSchedule, build_warmup_cosine, resolve_warmup
 
 
 class BaseTask(L.LightningModule):
@@ -28,8 +33,18 @@ class BaseTask(L.LightningModule):
         in_channels: Image channels the network takes (checked before the first convolution).
         optimizer: Optimizer factory; weights get its ``weight_decay``, norms and biases none.
         lr_scheduler: Scheduler factory, stepped every epoch; ``ReduceLROnPlateau`` watches :attr:`monitor`.
+            When set it replaces ``lr_schedule``.
         nonfinite_loss: ``raise`` on a NaN/inf training loss, or ``skip`` the batch.
         channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC).
+        lr_schedule: Without ``lr_scheduler``: ``warmup_cosine`` (linear warmup, then cosine decay to
+            ``min_lr_factor`` x lr at the trainer's last step, stepped per optimizer step) or ``constant``.
+        warmup_steps: Warmup length in optimizer steps; ``None`` uses ``warmup_fraction``.
+        warmup_fraction: Warmup length as a fraction of the run's optimizer steps.
+        min_lr_factor: Final learning rate of ``warmup_cosine``, as a fraction of the initial one.
+        encoder_lr_mult: Learning-rate multiplier of the encoder (:attr:`encoder`) relative to the
+            decoder/head (e.g. 0.1 for a pretrained encoder).
+        ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and evaluate/predict with it
+            (:meth:`eval_network`); ``None`` disables it.
     """
 
     #: The metric a plateau scheduler watches.
@@ -45,12 +60,31 @@ class BaseTask(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None,
         nonfinite_loss: NonFinitePolicy,
         channels_last: bool,
+        lr_schedule: LRSchedule = "warmup_cosine",
+        warmup_steps: int | None = None,
+        warmup_fraction: float = 0.05,
+        min_lr_factor: float = 0.01,
+        encoder_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.nonfinite_loss: NonFinitePolicy = nonfinite_loss
         self.channels_last = channels_last
+        if lr_schedule not in ("warmup_cosine", "constant"):
+            raise ValueError(f"lr_schedule must be 'warmup_cosine' or 'constant', got {lr_schedule!r}")
+        resolve_warmup(1, warmup_steps, warmup_fraction)  # fail at construction, not at the first step
+        if not 0.0 <= min_lr_factor <= 1.0:
+            raise ValueError(f"min_lr_factor must be in [0, 1], got {min_lr_factor}")
+        if encoder_lr_mult <= 0:
+            raise ValueError(f"encoder_lr_mult must be > 0, got {encoder_lr_mult} (freeze the encoder instead of 0)")
+        self.lr_schedule: LRSchedule = lr_schedule
+        self.warmup_steps, self.warmup_fraction, self.min_lr_factor = warmup_steps, warmup_fraction, min_lr_factor
+        self.encoder_lr_mult = encoder_lr_mult
+        check_ema_decay(ema_decay)
+        self.ema_decay = ema_decay
+        self.ema: AveragedModel | None = None
 
     @property
     def example_input_array(self) -> Tensor | None:
@@ -73,6 +107,29 @@ class BaseTask(L.LightningModule):
     def network(self) -> nn.Module:
         """The trained network (its parameters are optimised, its buffers guarded)."""
         raise NotImplementedError
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        """The pretrained-encoder part of :attr:`network` (gets ``encoder_lr_mult``); ``None``: no split."""
+        return None
+
+    def init_ema(self) -> None:
+        """Create the EMA copy of :attr:`network` when ``ema_decay`` is set (call once the network is built).
+
+        Kept as the ``ema`` submodule, so the average is saved in checkpoints (``ema.module.*`` keys) and
+        restored with them.
+        """
+        if self.ema_decay is not None:
+            self.ema = build_ema(self.network, self.ema_decay)
+
+    def eval_network(self) -> nn.Module:
+        """The network used for validation, test and prediction: the EMA copy when enabled."""
+        return self.ema.module if self.ema is not None else self.network
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
+        """Update the EMA weights after each optimizer step."""
+        if self.ema is not None:
+            self.ema.update_parameters(self.network)
 
     def to_layout(self, module: nn.Module) -> nn.Module:
         """``module`` in the task's memory format (call on the network once it is built)."""
@@ -99,10 +156,27 @@ class BaseTask(L.LightningModule):
         """The configured optimizer over the network's parameters, without weight decay on norms and biases.
 
         Frozen parameters are included unless :attr:`trainable_only` (they have no gradient while frozen,
-        so they are not updated) so that unfreezing needs no new optimizer.
+        so they are not updated) so that unfreezing needs no new optimizer. The encoder's groups get
+        ``encoder_lr_mult`` x lr. A configured ``lr_scheduler`` is stepped per epoch; otherwise
+        ``warmup_cosine`` is stepped per optimizer step over the trainer's ``estimated_stepping_batches``.
         """
-        optimizer = self.optimizer(build_param_groups(self.network, None, trainable_only=self.trainable_only))
-        if self.lr_scheduler is None:
+        groups = build_param_groups(
+            self.network, None, trainable_only=self.trainable_only, encoder=self.encoder,
+            encoder_lr_mult=self.encoder_lr_mult,
+        )  # fmt: skip
+        optimizer = apply_lr_mult(self.optimizer(groups))
+        if self.lr_scheduler is not None:
+            scheduler = self.lr_scheduler(optimizer)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        if self.lr_schedule == "constant":
             return optimizer
-        scheduler = self.lr_scheduler(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError(
+                "lr_schedule='warmup_cosine' needs a finite run length: set trainer.max_epochs or "
+                "trainer.max_steps, or model.init_args.lr_schedule=constant"
+            )
+        scheduler = build_warmup_cosine(
+            optimizer, int(total), self.warmup_steps, self.warmup_fraction, self.min_lr_factor
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

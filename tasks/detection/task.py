@@ -18,33 +18,15 @@ from effdet import DetBenchTrain
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from pycocotools.coco import COCO
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from effbackbone.integrations.effdet import create_efficientdet
 from effbackbone.integrations.effdet_inference import FastDetBenchPredict
 from tasks.common.base import BaseTask
 from tasks.common.distributed import gather_per_image
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.schedules import LRSchedule
 from tasks.detection.boxes import split_detections, to_effdet_targets
 from tasks.detection.coco_eval import coco_map, to_coco_results
-
-
-def _ema_update_fn(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """EMA for ``AveragedModel(multi_avg_fn=...)`` with TF's warm-up ``min(decay, (1 + n) / (10 + n))``.
-
-    The warm-up keeps the average from being dominated by the random initial weights in short runs.
-    """
-
-    def update(ema: list[Tensor], current: list[Tensor], num_averaged: Tensor) -> None:
-        n = float(num_averaged)
-        d = min(decay, (1.0 + n) / (10.0 + n))
-        if ema[0].is_floating_point():
-            torch._foreach_lerp_(ema, current, 1.0 - d)
-        else:  # integer buffers (BatchNorm's num_batches_tracked): copy
-            for e, c in zip(ema, current, strict=True):
-                e.copy_(c)
-
-    return update
 
 
 def num_anchors(image_size: int, min_level: int = 3, max_level: int = 7, per_location: int = 9) -> int:
@@ -71,13 +53,19 @@ class DetectionTask(BaseTask):
         pretrained_path: A whole effdet COCO checkpoint file to start from (class head reset if needed).
         freeze_backbone: Train only BiFPN and heads; the encoder's BatchNorm stays in eval mode.
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and evaluate/predict
-            with it; ``None`` disables it.
+            with it; ``None`` disables it (docs/training.md).
         bn_momentum: BatchNorm momentum (PyTorch convention) for every norm layer. The TF default
             0.01 needs thousands of steps before the eval statistics are usable; 0.1 suits short
             runs from scratch. ``None`` keeps the model's.
         optimizer: Optimizer factory; its ``weight_decay`` applies to weights only (not norms/biases).
         lr_scheduler: Optional scheduler factory, stepped every epoch (``ReduceLROnPlateau`` watches
-            ``val/AP``).
+            ``val/AP``); replaces ``lr_schedule`` when set.
+        lr_schedule: ``warmup_cosine`` (default: linear warmup, then cosine decay, per optimizer step) or
+            ``constant``; used when ``lr_scheduler`` is not set (docs/training.md).
+        warmup_steps: Warmup length in optimizer steps; ``None`` uses ``warmup_fraction``.
+        warmup_fraction: Warmup length as a fraction of the run's optimizer steps.
+        min_lr_factor: Final lr of ``warmup_cosine`` as a fraction of the initial one.
+        encoder_lr_mult: Learning-rate multiplier of the EfficientNet backbone relative to BiFPN and heads.
         nonfinite_loss: ``raise`` stops on a NaN/inf loss, ``skip`` drops the batch.
         detector_options: Other effdet config fields (``max_det_per_image``, ``soft_nms``,
             ``fpn_cell_repeats``, ...).
@@ -104,16 +92,21 @@ class DetectionTask(BaseTask):
         nonfinite_loss: NonFinitePolicy = "raise",
         detector_options: dict[str, Any] | None = None,
         channels_last: bool = False,
+        lr_schedule: LRSchedule = "warmup_cosine",
+        warmup_steps: int | None = None,
+        warmup_fraction: float = 0.05,
+        min_lr_factor: float = 0.01,
+        encoder_lr_mult: float = 1.0,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
-            channels_last=channels_last,
-        )
+            channels_last=channels_last, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            warmup_fraction=warmup_fraction, min_lr_factor=min_lr_factor, encoder_lr_mult=encoder_lr_mult,
+            ema_decay=ema_decay,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if image_size % 128:
             raise ValueError(f"image_size must be a multiple of 128 (EfficientDet's P7 stride), got {image_size}")
-        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.num_classes = num_classes
         self.image_size = image_size
         self.freeze_backbone = freeze_backbone
@@ -132,10 +125,7 @@ class DetectionTask(BaseTask):
         self.in_channels = next(m.in_channels for m in detector.modules() if isinstance(m, nn.Conv2d))
         if freeze_backbone:
             self.detector.model.backbone.requires_grad_(False)
-        self.ema: AveragedModel | None = None
-        if ema_decay is not None:
-            self.ema = AveragedModel(self.detector, multi_avg_fn=_ema_update_fn(ema_decay), use_buffers=True)
-            self.ema.requires_grad_(False)
+        self.init_ema()  # BaseTask: AveragedModel of self.detector (tasks/common/ema.py)
         # Label -> COCO category id; replaced by the data's map in setup() and saved in checkpoints.
         self.category_ids: tuple[int, ...] = tuple(range(1, num_classes + 1))
         self.class_names: tuple[str, ...] = tuple(str(i) for i in self.category_ids)
@@ -148,9 +138,14 @@ class DetectionTask(BaseTask):
         """The trained EfficientDet inside effdet's training bench (anchors, labeler, losses)."""
         return self.detector
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The EfficientNet backbone (``encoder_lr_mult`` applies to it)."""
+        return self.detector.model.backbone
+
     def eval_bench(self) -> DetBenchTrain:
         """The bench used for evaluation and prediction: the EMA copy when enabled."""
-        return self.ema.module if self.ema is not None else self.detector  # type: ignore[return-value]
+        return self.eval_network()  # type: ignore[return-value]
 
     def forward(
         self, images: Tensor, img_scale: Tensor | None = None, img_size: Tensor | None = None
@@ -214,11 +209,6 @@ class DetectionTask(BaseTask):
             return out["loss"], lambda: f"class_loss={parts[0].item():.4g}, box_loss={parts[1].item():.4g}"
 
         return self.guarded(compute)
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
-        """Update the EMA weights after each optimizer step."""
-        if self.ema is not None:
-            self.ema.update_parameters(self.detector)
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:

@@ -3,7 +3,8 @@
 One ``_shared_step`` serves train/val/test; metrics are a ``MetricCollection`` cloned with the
 ``train/``, ``val/`` and ``test/`` prefixes and logged once per epoch; predictions of images larger
 than ``tile_size`` are tiled (see :mod:`tasks.segmentation.predict`). Any image size works: ``forward``
-pads to a multiple of ``size_divisibility`` and crops the logits back.
+pads to a multiple of ``size_divisibility`` and crops the logits back. With ``ema_decay`` an EMA of the weights
+(:class:`~tasks.common.base.BaseTask`) gives the validation, test and prediction outputs (any eval-mode forward).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from torch import Tensor, nn
 import effbackbone.integrations.smp as eb_smp
 from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.schedules import LRSchedule
 from tasks.segmentation.data import IGNORE_LABEL
+from tasks.segmentation.distill import DistillConfig, distillation_kl, load_teacher, teacher_logits
 from tasks.segmentation.losses import CompositeLoss
 from tasks.segmentation.metrics import build_metrics, to_metric_input
 from tasks.segmentation.tiling import sliding_window
@@ -77,7 +80,19 @@ class SegmentationTask(BaseTask):
         channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC): the same
             results, and a U-Net-B0 training step ~1.35x faster on CPU (docs/performance.md).
         optimizer: Optimizer factory; norms and biases get no weight decay.
-        lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``).
+        lr_scheduler: Scheduler factory (stepped per epoch; ``ReduceLROnPlateau`` watches ``val/loss``); replaces
+            ``lr_schedule`` when set.
+        lr_schedule: ``warmup_cosine`` (default: linear warmup, then cosine decay, per optimizer step) or
+            ``constant``; used when ``lr_scheduler`` is not set (docs/training.md).
+        warmup_steps: Warmup length in optimizer steps; ``None`` uses ``warmup_fraction``.
+        warmup_fraction: Warmup length as a fraction of the run's optimizer steps.
+        min_lr_factor: Final lr of ``warmup_cosine`` as a fraction of the initial one.
+        encoder_lr_mult: Learning-rate multiplier of the encoder relative to the decoder and head.
+        ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and validate/test/predict/export
+            with it; ``None`` disables it.
+        distill: Knowledge distillation from a frozen teacher checkpoint of this task:
+            ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
+            plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
     """
 
     def __init__(
@@ -105,11 +120,20 @@ class SegmentationTask(BaseTask):
         channels_last: bool = False,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        lr_schedule: LRSchedule = "warmup_cosine",
+        warmup_steps: int | None = None,
+        warmup_fraction: float = 0.05,
+        min_lr_factor: float = 0.01,
+        encoder_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
+        distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
-            channels_last=channels_last,
-        )
+            channels_last=channels_last, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
+            warmup_fraction=warmup_fraction, min_lr_factor=min_lr_factor, encoder_lr_mult=encoder_lr_mult,
+            ema_decay=ema_decay,
+        )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if mode == "binary" and num_classes != 2:
             raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {num_classes}")
@@ -121,6 +145,8 @@ class SegmentationTask(BaseTask):
         self.mean, self.std = mean, std
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.freeze_encoder_epochs = freeze_encoder_epochs
+        self.distill = DistillConfig.parse(distill) if distill else None
+        self._teacher: list[SegmentationTask] = []  # a list: not a submodule (not saved, not optimised)
         self.model = smp.create_model(
             decoder,
             encoder_name=encoder_name(variant, phi, encoder_options),
@@ -130,6 +156,7 @@ class SegmentationTask(BaseTask):
             **(decoder_options or {}),
         )
         self.model = self.to_layout(self.model)
+        self.init_ema()  # after the layout, which the EMA copy inherits
         # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride).
         self.size_divisibility = int(self.model.encoder.output_stride)
         self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
@@ -144,13 +171,22 @@ class SegmentationTask(BaseTask):
         """The smp model (encoder, decoder, head)."""
         return self.model
 
+    @property
+    def encoder(self) -> nn.Module:
+        """The smp encoder (``encoder_lr_mult`` applies to it)."""
+        return self.model.encoder
+
     def forward(self, image: Tensor) -> Tensor:
-        """Logits (N x C x H x W, C = 1 for binary) for any size (padded to ``size_divisibility``, cropped back)."""
+        """Logits (N x C x H x W, C = 1 for binary) for any size (padded to ``size_divisibility``, cropped back).
+
+        In eval mode (validation, test, prediction, export) the EMA weights answer when ``ema_decay`` is set.
+        """
         h, w = image.shape[-2:]
         pad_h, pad_w = -h % self.size_divisibility, -w % self.size_divisibility
         if pad_h or pad_w:
             image = F.pad(image, (0, pad_w, 0, pad_h))  # zeros = the mean after normalisation
-        return self.model(self.prepare_images(image))[..., :h, :w]
+        network = self.model if self.training else self.eval_network()
+        return network(self.prepare_images(image))[..., :h, :w]
 
     def probabilities(self, logits: Tensor) -> Tensor:
         """Per-class probabilities (N x num_classes x H x W; binary gives background and foreground)."""
@@ -169,6 +205,10 @@ class SegmentationTask(BaseTask):
         target = batch["mask"]
         loss = self.criterion(logits, target)
         n = logits.shape[0]
+        if stage == "train" and self.distill is not None:
+            kd = self.distill_loss(batch["image"], logits, target)
+            self.log("train/loss_kd", kd, batch_size=n, on_step=True, on_epoch=True)
+            loss = loss + self.distill.weight * kd
         self.log(f"{stage}/loss", loss, batch_size=n, on_step=stage == "train", on_epoch=True, prog_bar=True)
         if len(self.criterion.parts) > 1:
             parts = {f"{stage}/loss_{k}": v for k, v in self.criterion.parts.items()}
@@ -190,6 +230,16 @@ class SegmentationTask(BaseTask):
         """As validation, logged under ``test/``."""
         loss, preds = self._shared_step(batch, "test")
         return {"loss": loss, "preds": preds}
+
+    def distill_loss(self, images: Tensor, logits: Tensor, target: Tensor) -> Tensor:
+        """The distillation term (unweighted) of the student's ``logits`` against the teacher's on ``images``."""
+        if self.distill is None:
+            raise RuntimeError("distill_loss needs the distill option (a teacher checkpoint)")
+        if not self._teacher:
+            self._teacher.append(load_teacher(self.distill, self))
+        weight = next(self.model.parameters())
+        teacher = teacher_logits(self._teacher[0], images, weight)
+        return distillation_kl(logits, teacher, target, self.mode, self.distill.temperature, self.ignore_index)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """Tiled prediction of each image at its own size: ``{"path", "probs", "labels"}`` per image."""
@@ -226,13 +276,15 @@ class SegmentationTask(BaseTask):
 
     # -- training schedule -------------------------------------------------------------------------
     def on_fit_start(self) -> None:
-        """Start from fresh metric states.
+        """Start from fresh metric states, and load the distillation teacher (failing before the first step).
 
         A ``trainer.validate``/``test`` before ``fit`` leaves states created under ``inference_mode``,
         which fit's validation (run under ``no_grad``) cannot update in place.
         """
         for stage in STAGES:
             getattr(self, f"{stage}_metrics").reset()
+        if self.distill is not None and not self._teacher:
+            self._teacher.append(load_teacher(self.distill, self))
 
     def on_train_epoch_start(self) -> None:
         """Freeze the encoder (weights and BN statistics) for the first ``freeze_encoder_epochs``."""

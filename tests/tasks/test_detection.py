@@ -116,7 +116,7 @@ def test_ema_weights_are_used_for_evaluation():
 
 
 def test_frozen_backbone_is_excluded_and_kept_in_eval():
-    task = DetectionTask(num_classes=2, image_size=128, freeze_backbone=True)
+    task = DetectionTask(num_classes=2, image_size=128, freeze_backbone=True, lr_schedule="constant")
     task.train()
     backbone = task.detector.model.backbone
     assert not any(p.requires_grad for p in backbone.parameters())

@@ -101,7 +101,8 @@ def test_loss_spec_errors():
 
 
 def test_no_weight_decay_on_norms_and_biases():
-    task = _task(num_classes=2, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05))
+    opt = lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.05)  # noqa: E731
+    task = _task(num_classes=2, optimizer=opt, lr_schedule="constant")  # no trainer: no per-step schedule
     optimizer = task.configure_optimizers()
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

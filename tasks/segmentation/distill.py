@@ -1,0 +1,116 @@
+"""Knowledge distillation for segmentation: a frozen teacher checkpoint's softened per-pixel outputs as extra targets.
+
+Hinton et al. (2015), "Distilling the Knowledge in a Neural Network": the student matches the teacher's class
+distribution softened by a temperature T, with the KL term scaled by T^2 so that its gradients keep the same size
+as T changes; the hard (ground-truth) loss is kept beside it. Applied per pixel, over the pixels that count
+(``ignore_index`` excluded), as in dense-prediction distillation (Liu et al. 2019, "Structured Knowledge Distillation
+for Semantic Segmentation", pixel-wise term).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from tasks.segmentation.task import SegmentationTask
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The ``distill`` option of ``SegmentationTask``.
+
+    Args:
+        teacher: A ``SegmentationTask`` checkpoint (any variant and decoder; same mode and classes).
+        temperature: Softening temperature T (> 0) of both the student's and the teacher's logits.
+        weight: Weight of the distillation term added to the hard loss (>= 0).
+    """
+
+    teacher: str
+    temperature: float = 1.0
+    weight: float = 1.0
+
+    @classmethod
+    def parse(cls, value: dict[str, Any]) -> DistillConfig:
+        """Check the keys and values of a ``distill`` dict, naming the wrong one."""
+        known = {f.name for f in fields(cls)}
+        if "teacher" not in value or set(value) - known:
+            raise ValueError(
+                f"distill={value} must have the key 'teacher' (a checkpoint path) and may have "
+                f"'temperature' and 'weight'; unknown keys: {sorted(set(value) - known)}"
+            )
+        config = cls(str(value["teacher"]), float(value.get("temperature", 1.0)), float(value.get("weight", 1.0)))
+        if config.temperature <= 0 or config.weight < 0:
+            raise ValueError(f"distill needs temperature > 0 and weight >= 0, got {config}")
+        return config
+
+
+def distillation_kl(
+    student: Tensor, teacher: Tensor, target: Tensor, mode: str, temperature: float, ignore_index: int
+) -> Tensor:
+    """Mean per-pixel KL(teacher || student) of the T-softened outputs, times T^2, over non-ignored pixels.
+
+    Args:
+        student: Student logits N x C x H x W (C = 1 for binary).
+        teacher: Teacher logits, same shape.
+        target: The hard target (N x H x W ids, or N x C x H x W for multilabel); only its ignore mask is used.
+        mode: ``multiclass`` (softmax over classes) or ``binary``/``multilabel`` (a Bernoulli per channel).
+        temperature: T.
+        ignore_index: Target value whose pixels are left out of the mean.
+    """
+    s, t = student.float() / temperature, teacher.float() / temperature
+    if mode == "multiclass":
+        kl = (t.softmax(1) * (t.log_softmax(1) - s.log_softmax(1))).sum(1)  # N x H x W
+    else:  # Bernoulli KL of each sigmoid channel: p log(p/q) + (1-p) log((1-p)/(1-q))
+        p = t.sigmoid()
+        kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+        kl = kl[:, 0] if mode == "binary" else kl
+    valid = target != ignore_index
+    if not valid.any():
+        return student.sum() * 0.0  # keeps the graph: a fully ignored batch contributes nothing
+    return kl[valid].mean() * temperature**2
+
+
+def load_teacher(config: DistillConfig, student: SegmentationTask) -> SegmentationTask:
+    """The frozen teacher: loaded weights-only on CPU, eval mode, no gradients, checked against the student.
+
+    Its starting-weights option is cleared (the checkpoint has all weights, nothing is downloaded) and its own
+    ``distill`` too (a teacher that was itself a student does not load its teacher).
+    """
+    from tasks.segmentation.task import SegmentationTask
+
+    path = Path(config.teacher)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"distill teacher checkpoint {path} not found; train the teacher first "
+            "(effbackbone fit ...) and set model.init_args.distill.teacher to its .ckpt file"
+        )
+    teacher = SegmentationTask.load_from_checkpoint(
+        path, map_location="cpu", weights_only=True, encoder_weights=None, distill=None
+    )
+    shape = (teacher.mode, teacher.num_classes, teacher.in_channels)
+    if shape != (student.mode, student.num_classes, student.in_channels):
+        raise ValueError(
+            f"teacher {path} is mode={teacher.mode}, num_classes={teacher.num_classes}, in_channels="
+            f"{teacher.in_channels} but the student is mode={student.mode}, num_classes="
+            f"{student.num_classes}, in_channels={student.in_channels}; use a teacher of the same task"
+        )
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_logits(teacher: SegmentationTask, images: Tensor, like: Tensor) -> Tensor:
+    """The teacher's logits (its EMA weights when it has them), on ``like``'s device and parameter dtype.
+
+    Called inside the student's step, so it runs under the same autocast (the student's precision); with a
+    ``*-true`` precision the teacher's weights are cast to the student's dtype.
+    """
+    if (p := next(teacher.parameters())).device != like.device or p.dtype != like.dtype:
+        teacher.to(device=like.device, dtype=like.dtype)
+    return teacher.eval()(images)
