@@ -17,13 +17,14 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
 from tasks.common.checks import check_channels
 from tasks.common.ema import build_ema, check_ema_decay
 from tasks.common.guards import NonFinitePolicy, check_loss, snapshot_buffers
 from tasks.common.optim import apply_lr_mult, build_param_groups
-from tasks.common.schedules import LRSchedule, build_warmup_cosine, resolve_warmup
+from tasks.common.schedules import LRSchedule, deferred_warmup_cosine, resolve_warmup
 
 
 class BaseTask(L.LightningModule):
@@ -170,13 +171,28 @@ class BaseTask(L.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": self.monitor}}
         if self.lr_schedule == "constant":
             return optimizer
+        factor, self._set_total_steps = deferred_warmup_cosine(
+            self.warmup_steps, self.warmup_fraction, self.min_lr_factor
+        )
+        scheduler = LambdaLR(optimizer, factor)  # its run length is set in on_train_start
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """Give the default schedule its run length, now that the data is set up and a resumed state restored."""
+        set_total = getattr(self, "_set_total_steps", None)
+        if set_total is None:
+            return
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):
             raise ValueError(
                 "lr_schedule='warmup_cosine' needs a finite run length: set trainer.max_epochs or "
                 "trainer.max_steps, or model.init_args.lr_schedule=constant"
             )
-        scheduler = build_warmup_cosine(
-            optimizer, int(total), self.warmup_steps, self.warmup_fraction, self.min_lr_factor
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        set_total(int(total))
+        for config in self.trainer.lr_scheduler_configs:  # lr of the current step (0, or the restored one)
+            scheduler = config.scheduler
+            if isinstance(scheduler, LambdaLR):
+                for group, base, f in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
+                                          strict=True):  # fmt: skip
+                    group["lr"] = base * f(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -51,6 +51,31 @@ def warmup_cosine(total_steps: int, warmup_steps: int, min_lr_factor: float) -> 
     return factor
 
 
+def deferred_warmup_cosine(
+    warmup_steps: int | None, warmup_fraction: float, min_lr_factor: float
+) -> tuple[Callable[[int], float], Callable[[int], None]]:
+    """:func:`warmup_cosine` whose run length is given later: ``(factor, set_total_steps)``.
+
+    The length comes from the trainer's ``estimated_stepping_batches``, which sets up the training data;
+    asking for it in ``configure_optimizers`` would set the data up before a resumed run's state is
+    restored, and the resumed run would no longer equal an uninterrupted one. The task sets it in
+    ``on_train_start`` instead. Until then the factor is 1. A closure, not a callable object: ``LambdaLR``
+    saves an object's ``__dict__`` in the checkpoint, which a weights-only load refuses.
+    """
+    holder: dict[str, Callable[[int], float]] = {}
+
+    def factor(step: int) -> float:
+        return holder["f"](step) if "f" in holder else 1.0
+
+    def set_total_steps(total_steps: int) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        warmup = resolve_warmup(total_steps, warmup_steps, warmup_fraction)
+        holder["f"] = warmup_cosine(total_steps, warmup, min_lr_factor)
+
+    return factor, set_total_steps
+
+
 def build_warmup_cosine(
     optimizer: Optimizer, total_steps: int, warmup_steps: int | None, warmup_fraction: float, min_lr_factor: float
 ) -> LambdaLR:
