@@ -17,7 +17,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from tasks.common.checkpoint_io import AtomicCheckpointIO, RngState, safe_torch_load
 
 # data attribute -> model init argument, linked after the data module is built.
-LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std", "image_size")
+LINKED = ("num_classes", "class_names", "class_weights", "in_channels", "mode", "mean", "std", "image_size")
 
 
 class EffBackboneCLI(LightningCLI):
