@@ -8,6 +8,7 @@ the model when both classes have them; links whose source or target a class lack
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -45,12 +46,22 @@ class EffBackboneCLI(LightningCLI):
         """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
 
         Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
+        Model options given on the command line then override the checkpoint's hyper-parameters.
         """
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             safe_torch_load(ckpt)
+        init_args = self.config[sub].get("model.init_args") if sub else None
+        given = {name: init_args.get(name) for name in _model_options(self._args)} if init_args else {}
         super()._parse_ckpt_path()
+        # Lightning applies the checkpoint's hyper-parameters over everything; an option typed on the command
+        # line (`--model.init_args.ema_decay null`) is the user's explicit choice, so it wins.
+        model = self.config[sub].get("model") if sub else None
+        for name, value in given.items():
+            (model.get("dict_kwargs") or {}).pop(name, None)
+            if model.get("init_args") is not None:
+                model.init_args[name] = value
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` into ``self.config``.
@@ -58,7 +69,19 @@ class EffBackboneCLI(LightningCLI):
         Lightning warns when ``args`` is given while ``sys.argv`` has arguments too; ``main`` always
         passes the arguments explicitly (it reads ``sys.argv`` itself), so that warning is skipped.
         """
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
+
+
+def _model_options(args: list[str]) -> set[str]:
+    """Names of the model options given on the command line (``--model.init_args.X`` or ``--model.X``)."""
+    names = set()
+    for arg in args:
+        if arg.startswith("--model."):
+            name = arg[len("--model.") :].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+            if name not in ("class_path", "init_args", "dict_kwargs", "help", ""):
+                names.add(name)
+    return names
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:
