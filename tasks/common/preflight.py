@@ -7,11 +7,10 @@ them all and one option (``skip_unreadable``) can leave them out.
 
 Modes (the data modules' ``check_images``):
 
-- ``full`` (default): header, structure and full decode. Catches truncated and corrupt files. The
-  quickstart's 200 small PNGs take well under a second; large JPEG datasets decode at roughly 100-300
-  images per second and core.
-- ``header``: header and structure only (``PIL.Image.verify``, the ``.npy`` header): fast; catches files that
-  are not images, empty or with broken headers, but not truncated pixel data.
+- ``full`` (default): header, structure and full decode. Catches truncated and corrupt files. Measured on
+  2 busy cores (load 3.6): 160 quickstart PNGs (96 px) in 0.08 s; 640x480 JPEGs at 235 per second.
+- ``header``: header and structure only (``PIL.Image.verify``, the ``.npy`` header): 7,300 640x480 JPEGs per
+  second; catches files that are not images, empty or with broken headers, but not truncated pixel data.
 - ``off``: no check; a bad file stops training when it is reached.
 """
 
