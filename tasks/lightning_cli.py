@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from tasks.common.curves import TrainingCurves
 from tasks.common.summary import ModelSummary
 
 # data attribute -> model init argument, linked after the data module is built.
-LINKED = ("num_classes", "class_names", "in_channels", "mode", "mean", "std", "image_size")
+LINKED = ("num_classes", "class_names", "class_weights", "in_channels", "mode", "mean", "std", "image_size")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # Shipped config -> what it trains (tests/tasks/test_cli_help.py checks that every shipped config is here).
 SHIPPED_CONFIGS = {
@@ -148,12 +149,22 @@ class EffBackboneCLI(LightningCLI):
         """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
 
         Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
+        Model options given on the command line then override the checkpoint's hyper-parameters.
         """
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt and Path(ckpt).is_file():
             safe_torch_load(ckpt)
+        init_args = self.config[sub].get("model.init_args") if sub else None
+        given = {name: init_args.get(name) for name in _model_options(self._args)} if init_args else {}
         super()._parse_ckpt_path()
+        # Lightning applies the checkpoint's hyper-parameters over everything; an option typed on the command
+        # line (`--model.init_args.ema_decay null`) is the user's explicit choice, so it wins.
+        model = self.config[sub].get("model") if sub else None
+        for name, value in given.items():
+            (model.get("dict_kwargs") or {}).pop(name, None)
+            if model.get("init_args") is not None:
+                model.init_args[name] = value
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` into ``self.config``.
@@ -161,6 +172,7 @@ class EffBackboneCLI(LightningCLI):
         Lightning warns when ``args`` is given while ``sys.argv`` has arguments too; ``main`` always
         passes the arguments explicitly (it reads ``sys.argv`` itself), so that warning is skipped.
         """
+        self._args = list(sys.argv[1:] if args is None else args) if not isinstance(args, (dict, Namespace)) else []
         self.config = parser.parse_object(args) if isinstance(args, (dict, Namespace)) else parser.parse_args(args)
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -201,6 +213,17 @@ class EffBackboneCLI(LightningCLI):
             print(f"metrics: {self._metrics_files()}")
 
     after_test = after_validate
+
+
+def _model_options(args: list[str]) -> set[str]:
+    """Names of the model options given on the command line (``--model.init_args.X`` or ``--model.X``)."""
+    names = set()
+    for arg in args:
+        if arg.startswith("--model."):
+            name = arg[len("--model.") :].split("=", 1)[0].removeprefix("init_args.").split(".", 1)[0]
+            if name not in ("class_path", "init_args", "dict_kwargs", "help", ""):
+                names.add(name)
+    return names
 
 
 def run_cli(args: list[str] | None = None, run: bool = True) -> EffBackboneCLI:

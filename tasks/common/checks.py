@@ -24,11 +24,25 @@ from torch import Tensor
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError)
 
 
+# Advice that leads to a working state: in a folder of pairs, an image removed alone leaves its mask ignored
+# (a counted warning), while a mask removed alone leaves its image without a mask (an error).
+SKIP_ADVICE = "or set skip_unreadable: true in the data config (with check_images: full) to leave it out"
+READ_FIXES = {
+    "image": f"re-save or re-download it, remove it from the folder, {SKIP_ADVICE}",
+    "mask": f"re-save it, remove it together with its image, {SKIP_ADVICE}",
+}
+
+
 @contextmanager
-def reading(path: str | Path, what: str = "image") -> Iterator[None]:
+def reading(path: str | Path, what: str = "image", fix: str | None = None) -> Iterator[None]:
     """Turn a decoder's exception inside the block into a ``ValueError`` naming ``path`` and the fix.
 
     ``FileNotFoundError`` passes through unchanged (its message already names the file).
+
+    Args:
+        path: The file being read.
+        what: ``image`` or ``mask``, for the message.
+        fix: What to do about it (default: :data:`READ_FIXES` of ``what``).
     """
     try:
         yield
@@ -37,7 +51,7 @@ def reading(path: str | Path, what: str = "image") -> Iterator[None]:
     except _READ_ERRORS as e:
         raise ValueError(
             f"{what} {path} cannot be read: it is truncated, corrupt or not an {what} file "
-            f"({type(e).__name__}: {e}); re-save or re-download it, or remove it from the folder"
+            f"({type(e).__name__}: {e}); {fix or READ_FIXES.get(what, READ_FIXES['image'])}"
         ) from e
 
 

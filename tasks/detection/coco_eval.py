@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -54,7 +55,10 @@ def to_coco_results(
 
 
 def coco_map(
-    coco_gt: COCO, results: Sequence[Mapping[str, Any]], image_ids: Sequence[int] | None = None
+    coco_gt: COCO,
+    results: Sequence[Mapping[str, Any]],
+    image_ids: Sequence[int] | None = None,
+    class_names: Mapping[int, str] | None = None,
 ) -> dict[str, float]:
     """COCO box AP of ``results`` against ``coco_gt``.
 
@@ -63,17 +67,22 @@ def coco_map(
         results: COCO results dicts (``to_coco_results``); may be empty.
         image_ids: Evaluate on these images only (the ones actually predicted, e.g. under
             ``limit_val_batches``); default: every image of ``coco_gt``.
+        class_names: ``category_id`` -> name: also return ``AP_<name>`` and ``AP50_<name>`` per category
+            (NaN for a category without ground truth in the evaluated images).
 
     Returns:
-        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}``. With no results every value is 0.0;
-        COCOeval's -1 (no ground truth in that size range) is kept as -1.0.
+        ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (and the per-class values). With no results every
+        value is 0.0; COCOeval's -1 (no ground truth in that size range) is kept as -1.0.
     """
     ids = sorted(set(int(i) for i in image_ids)) if image_ids is not None else sorted(coco_gt.getImgIds())
     unknown = {int(r["image_id"]) for r in results} - set(coco_gt.getImgIds())
     if unknown:
         raise ValueError(f"results name image ids absent from the ground truth: {sorted(unknown)[:10]}")
     if not results or not ids:
-        return dict.fromkeys(COCO_METRICS, 0.0)
+        present = {a["category_id"] for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=ids, iscrowd=False))}
+        per_class = {f"{m}_{str(n).replace('/', '_')}": 0.0 if c in present else math.nan
+                     for c, n in (class_names or {}).items() for m in ("AP", "AP50")}  # fmt: skip
+        return {**dict.fromkeys(COCO_METRICS, 0.0), **per_class}
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
         # loadRes adds keys (area, id, segmentation) to the dicts it is given: keep the caller's intact.
         coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
@@ -82,4 +91,24 @@ def coco_map(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6], strict=True)}
+    stats = {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6], strict=True)}
+    return {**stats, **(per_class_ap(evaluator, class_names) if class_names else {})}
+
+
+def per_class_ap(evaluator: COCOeval, class_names: Mapping[int, str]) -> dict[str, float]:
+    """``AP_<name>`` (IoU 0.50:0.95) and ``AP50_<name>`` of each category, from an accumulated ``COCOeval``.
+
+    The values are COCOeval's own (all areas, 100 detections): its mean AP is the mean of these over the
+    categories that have ground truth. A category without ground truth is NaN.
+    """
+    precision = evaluator.eval["precision"]  # [IoU thresholds, recall points, categories, areas, max dets]
+    out: dict[str, float] = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        if category_id not in class_names:
+            continue
+        p = precision[:, :, k, 0, -1]
+        p50 = precision[0, :, k, 0, -1]  # iouThrs[0] is 0.5
+        name = str(class_names[category_id]).replace("/", "_")
+        out[f"AP_{name}"] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
+        out[f"AP50_{name}"] = float(p50[p50 > -1].mean()) if (p50 > -1).any() else math.nan
+    return out

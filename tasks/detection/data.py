@@ -10,18 +10,17 @@ and back (``CategoryMap``); crowd annotations are not trained on (COCOeval still
 "ignore" regions); images without annotations stay as negatives; grayscale, palette and RGBA
 images become RGB; boxes are clipped to the image and the degenerate ones dropped with one
 warning that counts them (and marked as crowd, i.e. "ignore", for COCOeval: a zero-size box can
-never be found); a missing image file is an error naming it. The json itself is checked by
+never be found); a placeholder ``_background_`` category is left out (``CategoryMap``); missing and
+unreadable image files are found before training and listed in one error, or left out with their
+annotations (``skip_unreadable``; :mod:`tasks.common.preflight`). The json itself is checked by
 :func:`tasks.common.checks.sanitize_coco` (duplicate image ids, unknown image or category ids, bad
 bboxes are errors; annotation ids that are 0, missing or duplicated are renumbered).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,121 +28,102 @@ import albumentations as A
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
-from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
-from tasks.common.checks import reading, sanitize_coco
-from tasks.common.images import find_images, read_image
+from tasks.common.images import find_images
+from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
 from tasks.common.sampling import make_loader
 from tasks.detection.boxes import clip_xyxy, xywh_to_xyxy
+from tasks.detection.categories import CategoryMap
+from tasks.detection.io import leave_out_images, load_coco, load_rgb
 from tasks.detection.synthetic import SyntheticCocoSpec, ensure_synthetic_coco
-from tasks.detection.transforms import build_det_transforms, letterbox_scale
-
-
-@dataclass(frozen=True)
-class CategoryMap:
-    """Contiguous training labels ``0..K-1`` <-> COCO ``category_id`` (sorted ascending)."""
-
-    category_ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_categories(cls, categories: list[dict[str, Any]]) -> CategoryMap:
-        """Build from a COCO ``categories`` list."""
-        cats = sorted(categories, key=lambda c: int(c["id"]))
-        return cls(tuple(int(c["id"]) for c in cats), tuple(str(c.get("name", c["id"])) for c in cats))
-
-    def __len__(self) -> int:
-        return len(self.category_ids)
-
-    def to_label(self, category_id: int) -> int:
-        """The contiguous label of a COCO ``category_id``."""
-        try:
-            return self.category_ids.index(int(category_id))
-        except ValueError:
-            raise KeyError(f"category_id {category_id} is not among the known ids {list(self.category_ids)}") from None
-
-    def to_category_id(self, label: int) -> int:
-        """The COCO ``category_id`` of a contiguous label."""
-        return self.category_ids[int(label)]
-
-
-def load_coco(annotation_file: str | Path) -> COCO:
-    """``pycocotools.COCO`` without its progress prints; a missing file is a clear error."""
-    path = Path(annotation_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"COCO annotation file {path} does not exist; expected <root>/annotations/"
-                                "instances_<split>.json (set `root`/`train_split`/`val_split`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"COCO annotation file {path} is not valid json ({e}); re-export it") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"COCO annotation file {path} holds a {type(data).__name__}, not a COCO dict")
-    coco = COCO()
-    coco.dataset = sanitize_coco(data, path)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    for ann in coco.dataset.get("annotations", []):
-        # COCOeval reads both; hand-made json often leaves them out.
-        ann.setdefault("iscrowd", 0)
-        ann.setdefault("area", float(ann["bbox"][2] * ann["bbox"][3]))
-    return coco
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """Read an image as ``HxWx3`` uint8 RGB (grayscale, palette, 16-bit and RGBA are converted)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"image file {path} does not exist")
-    if path.suffix.lower() == ".npy":  # an array: the segmentation reader's rules, scaled to 8 bits
-        return (read_image(path, 3) * 255).round().clip(0, 255).astype(np.uint8)
-    with reading(path, "image"), Image.open(path) as im:  # corrupt/truncated: a ValueError naming the file
-        if im.mode in ("I;16", "I;16B", "I"):  # 16/32-bit grey: rescale rather than clip to 255
-            arr = np.asarray(im, dtype=np.float32)
-            im = Image.fromarray((255 * arr / max(float(arr.max()), 1.0)).astype(np.uint8))
-        return np.array(im.convert("RGB"))  # a writable copy (torch.from_numpy warns on read-only)
+from tasks.detection.transforms import build_det_transforms, letterbox_scale, letterbox_scales
 
 
 class CocoDetection(Dataset[dict[str, Any]]):
-    """One COCO split as ``{"image", "boxes_xyxy", "labels", "image_id", "img_scale", "img_size"}`` samples.
+    """One COCO split as ``{"image", "boxes_xyxy", "labels", "image_id", "img_scale", "img_size", "file_name"}``.
 
     ``image`` is the letterboxed, normalised ``3xSxS`` tensor; ``boxes_xyxy`` are in its pixels;
-    ``img_scale`` (original pixels per model pixel) and ``img_size`` (original ``(w, h)``) map
-    predictions back to the original image.
+    ``img_size`` (original ``(w, h)``) maps predictions back to the original image
+    (:func:`~tasks.detection.transforms.letterbox_scales`); ``img_scale`` is the longer side's factor.
+
+    Args:
+        annotation_file: The split's COCO json.
+        image_dir: The folder its ``file_name`` values are relative to.
+        transforms: The albumentations pipeline (:func:`~tasks.detection.transforms.build_det_transforms`).
+        image_size: The letterbox side.
+        category_map: Labels <-> category ids (default: from this json).
+        check_images: ``full``/``header``: open every listed image now (see :mod:`tasks.common.preflight`);
+            ``off``: only check that the files exist.
+        skip_unreadable: Leave out missing and unreadable images, and their annotations (one warning),
+            instead of raising.
     """
 
     def __init__(
         self, annotation_file: str | Path, image_dir: str | Path, transforms: A.Compose,
-        image_size: int, category_map: CategoryMap | None = None,
-    ) -> None:
+        image_size: int, category_map: CategoryMap | None = None, check_images: CheckMode = "off",
+        skip_unreadable: bool = False,
+    ) -> None:  # fmt: skip
         self.coco = load_coco(annotation_file)
+        self.annotation_file = Path(annotation_file)
         self.image_dir = Path(image_dir)
         self.transforms = transforms
         self.image_size = image_size
-        self.category_map = category_map or CategoryMap.from_categories(self.coco.loadCats(self.coco.getCatIds()))
+        cats = self.coco.loadCats(self.coco.getCatIds())
+        self.category_map = category_map or CategoryMap.from_categories(cats, annotation_file)
+        self._check_files(check_images, skip_unreadable)
         self.image_ids = sorted(self.coco.getImgIds())
-        missing = [self.coco.imgs[i]["file_name"] for i in self.image_ids
-                   if not (self.image_dir / self.coco.imgs[i]["file_name"]).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image file(s) listed in {annotation_file} are missing from "
-                                    f"{self.image_dir}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        self.annotation_file = Path(annotation_file)
+        self.read_fix = (
+            f"re-save or re-download it, or set skip_unreadable: true in the data config (with check_images: full) "
+            f"to leave it and its annotations out; deleting the file alone is not enough: {self.annotation_file.name} "
+            "still lists it"
+        )
         self.targets = [self._target(i) for i in self.image_ids]
         self.num_dropped = sum(t[2] for t in self.targets)
         if self.num_dropped:
             warnings.warn(f"dropped {self.num_dropped} degenerate box(es) (zero or negative size after clipping to "
-                          f"the image) in {annotation_file}", UserWarning, stacklevel=2)
+                          f"the image) in {annotation_file}", UserWarning, stacklevel=2)  # fmt: skip
+
+    def _check_files(self, mode: CheckMode, skip: bool) -> None:
+        """Every listed image must exist (and, with ``mode``, be readable), or be left out with ``skip``."""
+        files = {i: self.image_dir / self.coco.imgs[i]["file_name"] for i in self.coco.getImgIds()}
+        bad = {f: "missing" for f in files.values() if not f.is_file()}
+        if mode == "off" and skip:
+            mode = "full"  # skipping needs the check
+        existing = [f for f in files.values() if f not in bad]
+        bad.update(find_unreadable(existing, mode, f"checking {len(existing)} images of {self.annotation_file.name}"))
+        if not bad:
+            return
+        json_name = self.annotation_file.name
+        if skip:
+            removed = leave_out_images(self.coco, {i for i, f in files.items() if f in bad})
+            warn_skipped(bad, len(files), str(self.image_dir), f" and their {removed} annotation(s) ({json_name})")
+            if not self.coco.getImgIds():
+                raise ValueError(f"no readable images left in {self.image_dir} ({json_name})")
+            return
+        fix = (f"Set skip_unreadable: true in the data config (data.init_args.skip_unreadable=true) to leave them and "
+               f"their annotations out, or replace the files; to delete one, remove it from {self.image_dir} AND its "
+               f"image entry and annotations from {self.annotation_file}.")  # fmt: skip
+        if all(reason == "missing" for reason in bad.values()):
+            names = [f.name for f in sorted(bad)]
+            raise FileNotFoundError(f"{len(bad)} image file(s) listed in {self.annotation_file} are missing from "
+                                    f"{self.image_dir}: {', '.join(names[:5])}{' ...' if len(bad) > 5 else ''}. "
+                                    f"{fix}")  # fmt: skip
+        raise unreadable_error(bad, len(files), f"{self.image_dir} (listed in {json_name})", fix, self.image_dir)
 
     def _target(self, image_id: int) -> tuple[np.ndarray, np.ndarray, int]:
         info = self.coco.imgs[image_id]
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if not a.get("iscrowd", 0)]
+        for ann in anns:
+            if ann["category_id"] in self.category_map.ignored_ids:  # a placeholder "background" category
+                ann["iscrowd"] = 1
+        anns = [a for a in anns if not a["iscrowd"]]
         boxes = xywh_to_xyxy(np.array([a["bbox"] for a in anns], dtype=np.float32))
         try:
             labels = np.array([self.category_map.to_label(a["category_id"]) for a in anns], dtype=np.int64)
         except KeyError as e:  # a val/test json with a category the training json does not have
             raise ValueError(f"{self.annotation_file}: {e.args[0]} (the categories of the training json); use the "
-                             "same 'categories' in every split") from None
+                             "same 'categories' in every split") from None  # fmt: skip
         boxes, keep = clip_xyxy(boxes, float(info["width"]), float(info["height"]))
         for ann, kept in zip(anns, keep.tolist(), strict=True):
             if not kept:  # COCOeval: an ignore region rather than a box that can never be found
@@ -155,7 +135,8 @@ class CocoDetection(Dataset[dict[str, Any]]):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.image_ids[index]
-        image = load_rgb(self.image_dir / self.coco.imgs[image_id]["file_name"])
+        path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+        image = load_rgb(path, self.read_fix)
         h, w = image.shape[:2]
         boxes, labels, _ = self.targets[index]
         # The json size may disagree with the file (re-encoded images): clip to what was read.
@@ -168,17 +149,51 @@ class CocoDetection(Dataset[dict[str, Any]]):
             "image_id": image_id,
             "img_scale": letterbox_scale(w, h, self.image_size),
             "img_size": (w, h),
+            "file_name": str(path),
         }
 
 
 class ImageFolderDataset(Dataset[dict[str, Any]]):
-    """Unannotated images of a folder (sorted by name) for prediction; ``image_id`` is 1-based position."""
+    """Unannotated images of a folder (sorted by name) for prediction.
 
-    def __init__(self, folder: str | Path, image_size: int) -> None:
+    Args:
+        folder: The images.
+        image_size: The letterbox side.
+        image_ids: ``file name -> image id`` (e.g. from the COCO json that lists these images), so results can
+            be scored against it; other files get ids above the largest. Default: 1-based position.
+        check_images: Open every image first (:mod:`tasks.common.preflight`); ``off`` reads them lazily.
+        skip_unreadable: Leave out unreadable images (one warning) instead of raising.
+    """
+
+    def __init__(
+        self, folder: str | Path, image_size: int, image_ids: dict[str, int] | None = None,
+        check_images: CheckMode = "off", skip_unreadable: bool = False,
+    ) -> None:  # fmt: skip
         self.folder = Path(folder)
         self.files = find_images(self.folder, "prediction")
+        if check_images != "off" or skip_unreadable:
+            bad = find_unreadable(self.files, "full" if check_images == "off" else check_images,
+                                  f"checking {len(self.files)} images")  # fmt: skip
+            if bad and not skip_unreadable:
+                fix = "Set skip_unreadable: true in the data config to predict the others, or replace the files."
+                raise unreadable_error(bad, len(self.files), str(self.folder), fix, self.folder)
+            if bad:
+                warn_skipped(bad, len(self.files), str(self.folder))
+                self.files = [f for f in self.files if f not in bad]
         self.image_size = image_size
         self.transforms = build_det_transforms("predict", image_size)
+        next_id = max(image_ids.values(), default=0) + 1 if image_ids else 1
+        self.image_ids: list[int] = []
+        for f in self.files:
+            if image_ids and f.name in image_ids:
+                self.image_ids.append(image_ids[f.name])
+            else:
+                self.image_ids.append(next_id)
+                next_id += 1
+        if image_ids and next_id > max(image_ids.values()) + 1:
+            extra = next_id - max(image_ids.values()) - 1
+            warnings.warn(f"{extra} image(s) in {self.folder} are not in the annotation file; they get new ids "
+                          f"from {max(image_ids.values()) + 1}", UserWarning, stacklevel=2)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.files)
@@ -189,11 +204,17 @@ class ImageFolderDataset(Dataset[dict[str, Any]]):
         out = self.transforms(image=image, bboxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64))
         return {
             "image": torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))),
-            "image_id": index + 1,
+            "image_id": self.image_ids[index],
             "img_scale": letterbox_scale(w, h, self.image_size),
             "img_size": (w, h),
             "file_name": str(self.files[index]),
         }
+
+
+def image_ids_by_name(annotation_file: str | Path) -> dict[str, int]:
+    """``file name -> image id`` of the images a COCO json lists directly (not in sub-folders)."""
+    images = json.loads(Path(annotation_file).read_text()).get("images") or []
+    return {str(im["file_name"]): int(im["id"]) for im in images if "/" not in str(im["file_name"])}
 
 
 def collate_detection(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -225,14 +246,22 @@ class CocoDataModule(L.LightningDataModule):
         augment: Train-time flip/scale/colour jitter.
         synthetic: Generate a synthetic shapes dataset with this spec into ``root`` when the
             annotation files are absent (the quickstart); ``None`` reads ``root`` as is.
-        predict_dir: Folder of images for ``trainer.predict``.
+        predict_dir: Folder of images for ``trainer.predict``. When it is a split's image folder, the results
+            use the image ids of that split's json (so ``pycocotools`` scores them against it directly).
+        predict_split: Predict the images of this split's json instead (results use its image ids).
+        check_images: Before a stage starts, open every image of its splits: ``full`` (default) decodes them
+            (catches truncated files), ``header`` checks headers only, ``off`` only checks that files exist.
+            All bad files are listed in one error.
+        skip_unreadable: Leave out missing and unreadable images and their annotations (one warning counts
+            them) instead of stopping.
     """
 
     def __init__(
         self, root: str = "data/coco", image_size: int = 512, batch_size: int = 8, num_workers: int = 0,
         train_split: str = "train", val_split: str = "val", test_split: str | None = None,
         image_dir: str = "{split}/images", augment: bool = True, synthetic: SyntheticCocoSpec | None = None,
-        predict_dir: str | None = None,
+        predict_dir: str | None = None, predict_split: str | None = None, check_images: CheckMode = "full",
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         if image_size % 128:
@@ -245,7 +274,8 @@ class CocoDataModule(L.LightningDataModule):
         self.image_dir = image_dir
         self.augment = augment
         self.synthetic = synthetic
-        self.predict_dir = predict_dir
+        self.predict_dir, self.predict_split = predict_dir, predict_split
+        self.check_images, self.skip_unreadable = check_images, skip_unreadable
         self.datasets: dict[str, Dataset[dict[str, Any]]] = {}
         self._category_map: CategoryMap | None = None
 
@@ -265,7 +295,7 @@ class CocoDataModule(L.LightningDataModule):
             if not path.is_file():
                 raise FileNotFoundError(f"no {self.annotation_file(self.splits['train'])} or {path}; set `root`, or "
                                         "`synthetic` to generate a dataset there")
-            self._category_map = CategoryMap.from_categories(json.loads(path.read_text())["categories"])
+            self._category_map = CategoryMap.from_categories(json.loads(path.read_text())["categories"], path)
         return self._category_map
 
     @property
@@ -280,22 +310,47 @@ class CocoDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             ensure_synthetic_coco(self.root, self.synthetic)
 
-    def _dataset(self, split_key: str) -> CocoDetection:
-        split = self.splits[split_key]
+    def _dataset(self, split_key: str, split: str | None = None) -> CocoDetection:
+        split = split or self.splits[split_key]
         transforms = build_det_transforms("train" if split_key == "train" else "val", self.image_size, self.augment)
         image_dir = self.root / self.image_dir.format(split=split)
-        return CocoDetection(self.annotation_file(split), image_dir, transforms, self.image_size, self.category_map)
+        return CocoDetection(self.annotation_file(split), image_dir, transforms, self.image_size, self.category_map,
+                             self.check_images, self.skip_unreadable)  # fmt: skip
 
     def setup(self, stage: str) -> None:
-        """Build the datasets ``stage`` needs."""
+        """Build the datasets ``stage`` needs (each checked first, see ``check_images``)."""
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}[stage]
         for key in wanted:
             if key not in self.datasets:
                 self.datasets[key] = self._dataset(key)
         if stage == "predict":
+            if self.predict_split is not None:
+                self.datasets["predict"] = self._dataset("predict", self.predict_split)
+                return
             if self.predict_dir is None:
-                raise ValueError("set `predict_dir` (a folder of images) to run predict")
-            self.datasets["predict"] = ImageFolderDataset(self.predict_dir, self.image_size)
+                raise ValueError("set `predict_dir` (a folder of images) or `predict_split` (a split) to run predict")
+            self.datasets["predict"] = ImageFolderDataset(
+                self.predict_dir, self.image_size, self._listed_ids(Path(self.predict_dir)), self.check_images,
+                self.skip_unreadable,
+            )  # fmt: skip
+
+    def _listed_ids(self, folder: Path) -> dict[str, int] | None:
+        """``file name -> image id`` of the split whose image folder ``folder`` is (``None`` for other folders)."""
+        for split in dict.fromkeys(self.splits.values()):
+            path = self.annotation_file(split)
+            if path.is_file() and (self.root / self.image_dir.format(split=split)).resolve() == folder.resolve():
+                return image_ids_by_name(path)
+        return None
+
+    def training_boxes_xyxy(self) -> np.ndarray:
+        """Every training box (``(N, 4)`` xyxy) in model pixels, as letterboxed to ``image_size`` (for anchors)."""
+        dataset = self.datasets.get("train") or self._dataset("train")
+        out = []
+        for image_id, (boxes, _, _) in zip(dataset.image_ids, dataset.targets, strict=True):  # type: ignore[attr-defined]
+            info = dataset.coco.imgs[image_id]  # type: ignore[attr-defined]
+            sx, sy = letterbox_scales(int(info["width"]), int(info["height"]), self.image_size)
+            out.append(boxes / np.array([sx, sy, sx, sy], dtype=np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
     def _loader(self, key: str, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
         return make_loader(self.datasets[key], self.batch_size, collate_detection, self.num_workers, train=shuffle)
@@ -313,5 +368,5 @@ class CocoDataModule(L.LightningDataModule):
         return self._loader("test")
 
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
-        """Batches of the images in ``predict_dir``."""
+        """Batches of the images in ``predict_dir`` (or of ``predict_split``)."""
         return self._loader("predict")

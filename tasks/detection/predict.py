@@ -32,7 +32,7 @@ from tasks.common.distributed import gather_per_image
 from tasks.common.drawing import CANVAS_RGB, LegendEntry, draw_legend, font, legend_height
 from tasks.common.writers import PredictionWriter
 from tasks.detection.coco_eval import to_coco_results
-from tasks.detection.data import ImageFolderDataset, collate_detection, load_rgb
+from tasks.detection.data import ImageFolderDataset, collate_detection, image_ids_by_name, load_rgb
 from tasks.detection.task import DetectionTask
 
 # Distinct saturated colours; label i gets _COLOURS[i % len]. Every box also gets a black outer line, so it
@@ -167,7 +167,7 @@ def _cpu(prediction: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def predict_folder(
     task: DetectionTask | str | Path, input_dir: str | Path, output_dir: str | Path, batch_size: int = 4,
-    score_threshold: float = 0.3, device: str | torch.device = "cpu",
+    score_threshold: float = 0.3, device: str | torch.device = "cpu", annotation_file: str | Path | None = None,
 ) -> Path:
     """Detect objects in every image of ``input_dir`` and write the files listed in the module docstring.
 
@@ -179,6 +179,8 @@ def predict_folder(
         batch_size: Images per forward pass.
         score_threshold: Smallest score drawn.
         device: Where to run.
+        annotation_file: A COCO json that lists these images: the results then use its image ids (and can be
+            scored against it directly); other images get new ids.
 
     Returns:
         The path of ``results.json``.
@@ -189,7 +191,8 @@ def predict_folder(
             task, map_location="cpu", weights_only=True, **WEIGHT_SOURCES_OFF
         )
     task = task.to(device).eval()
-    dataset = ImageFolderDataset(input_dir, task.image_size)
+    ids = image_ids_by_name(annotation_file) if annotation_file is not None else None
+    dataset = ImageFolderDataset(input_dir, task.image_size, ids)
     predictions: list[dict[str, Any]] = []
     for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_detection):
         batch["image"] = batch["image"].to(device)

@@ -13,9 +13,11 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from effdet import DetBenchTrain
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from pycocotools.coco import COCO
 from torch import Tensor, nn
 
@@ -25,8 +27,10 @@ from tasks.common.base import BaseTask
 from tasks.common.distributed import gather_per_image
 from tasks.common.guards import NonFinitePolicy
 from tasks.common.schedules import LRSchedule
+from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
 from tasks.detection.coco_eval import coco_map, to_coco_results
+from tasks.detection.transforms import letterbox_scales, letterbox_size
 
 
 def num_anchors(image_size: int, min_level: int = 3, max_level: int = 7, per_location: int = 9) -> int:
@@ -39,7 +43,8 @@ class DetectionTask(BaseTask):
 
     Batches are ``{"image", "boxes_xyxy", "labels", "image_id", "img_scale", "img_size"}`` with
     boxes in model-input pixels and contiguous 0-based labels; metrics ``val/AP``, ``val/AP50``,
-    ``val/AP75``, ``val/APs``, ``val/APm``, ``val/APl`` are COCOeval's on the whole val split.
+    ``val/AP75``, ``val/APs``, ``val/APm``, ``val/APl``, and ``val/AP_<class>``, ``val/AP50_<class>`` per
+    class, are COCOeval's on the whole val split.
 
     Args:
         model: ``d0``..``d7`` (or ``d7x``).
@@ -71,6 +76,10 @@ class DetectionTask(BaseTask):
             ``fpn_cell_repeats``, ...).
         channels_last: Keep the weights and run the images in ``torch.channels_last`` (NHWC): the
             same results, and a faster step on CPU (oneDNN) and on GPU with mixed precision.
+        anchors: ``default`` keeps effdet's anchors (``anchor_scale``, ``aspect_ratios`` of the config or
+            ``detector_options``); ``auto`` fits them to the training boxes when ``fit`` starts
+            (:mod:`tasks.detection.anchors`) and saves them in the checkpoint. Either way the share of
+            training boxes the anchors can match is reported, with a warning when it is low.
     """
 
     monitor = "val/AP"
@@ -97,6 +106,7 @@ class DetectionTask(BaseTask):
         warmup_fraction: float = 0.05,
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
+        anchors: Literal["default", "auto"] = "default",
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -131,6 +141,8 @@ class DetectionTask(BaseTask):
         self.class_names: tuple[str, ...] = tuple(str(i) for i in self.category_ids)
         self._results: dict[int, list[dict[str, Any]]] = {}  # image id -> its COCO results
         self._predictor: dict[int, FastDetBenchPredict] = {}  # plain dict: not a registered submodule
+        self.anchors = anchors
+        self.anchor_spec: AnchorSpec | None = None  # set when fitted (or restored from a checkpoint)
 
     # -- model -------------------------------------------------------------------------------------
     @property
@@ -152,8 +164,9 @@ class DetectionTask(BaseTask):
     ) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes_xyxy``, ``scores`` and 0-based ``labels``.
 
-        Boxes are in original-image pixels when ``img_scale`` and ``img_size`` are given, else in
-        model-input pixels.
+        Boxes are in original-image pixels when ``img_size`` (each image's original ``(w, h)``) is given,
+        mapped back through the letterbox per axis; else in model-input pixels. ``img_scale`` is accepted for
+        compatibility and not needed (the letterbox of ``image_size`` determines both factors).
         """
         images = self.prepare_images(images)
         model = self.eval_bench().model
@@ -161,8 +174,28 @@ class DetectionTask(BaseTask):
         if predictor is None:
             predictor = self._predictor[id(model)] = FastDetBenchPredict(model)
         predictor.anchors.to(images.device)
-        info = None if img_scale is None or img_size is None else {"img_scale": img_scale, "img_size": img_size}
-        return split_detections(predictor(images, info))
+        if img_size is None:
+            return split_detections(predictor(images, None))
+        info, scales = self._letterbox_info(img_size)
+        return self._to_original(split_detections(predictor(images, info)), scales)
+
+    def _letterbox_info(self, img_size: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Detection-time letterbox info: effdet's inputs and the factors back to original pixels.
+
+        effdet's ``img_scale``/``img_size`` clip each image's detections to its letterboxed region (in model
+        pixels, scale 1); each image's ``[sx, sy, sx, sy]`` then maps them back per axis.
+        """
+        sizes = [letterbox_size(int(w), int(h), self.image_size) for w, h in img_size.tolist()]
+        scales = [(sx, sy, sx, sy) for sx, sy in (letterbox_scales(int(w), int(h), self.image_size)
+                                                  for w, h in img_size.tolist())]  # fmt: skip
+        device = img_size.device
+        info = {"img_scale": torch.ones(len(sizes), device=device),
+                "img_size": torch.tensor(sizes, dtype=torch.float32, device=device)}  # fmt: skip
+        return info, torch.tensor(scales, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _to_original(detections: list[dict[str, Tensor]], scales: Tensor) -> list[dict[str, Tensor]]:
+        return [{**d, "boxes_xyxy": d["boxes_xyxy"] * s} for d, s in zip(detections, scales, strict=True)]
 
     def train(self, mode: bool = True) -> DetectionTask:
         """Switch modes; a frozen backbone keeps its BatchNorm statistics (eval mode) while training."""
@@ -186,6 +219,50 @@ class DetectionTask(BaseTask):
             raise ValueError(f"the data has {len(cmap)} categories {list(cmap.category_ids)} but model.num_classes="
                              f"{self.num_classes}; set model.init_args.num_classes={len(cmap)}")
         self.category_ids, self.class_names = tuple(cmap.category_ids), tuple(cmap.names)
+        if stage == "fit" and hasattr(dm, "training_boxes_xyxy"):
+            self._fit_anchors(dm.training_boxes_xyxy())
+
+    # -- anchors -----------------------------------------------------------------------------------
+    def current_anchors(self) -> AnchorSpec | None:
+        """The detector's anchor settings (``None`` when ``anchor_scale`` is per level)."""
+        return spec_of(self.detector.model.config)
+
+    def _fit_anchors(self, boxes_xyxy: np.ndarray) -> None:
+        """Report (and with ``anchors: auto`` fit) the anchors against the training boxes, in model pixels."""
+        current = self.current_anchors()
+        if current is None or len(boxes_xyxy) == 0:
+            return
+        before = match_share(boxes_xyxy, current, self.image_size)
+        share, what = before, "the anchors"
+        if self.anchors == "auto" and self.anchor_spec is None:
+            fitted = fit_anchors(boxes_xyxy, current, self.image_size)
+            after = match_share(boxes_xyxy, fitted, self.image_size)
+            if after > before:
+                self.apply_anchors(fitted)
+                share, what = after, "the fitted anchors"
+            ratios = ", ".join(f"{x / y:.2f}" for x, y in fitted.aspect_ratios)
+            rank_zero_info(
+                f"anchors: auto: {after:.1%} of {len(boxes_xyxy)} training boxes have an anchor with IoU >= "
+                f"{MATCH_IOU} (default anchors: {before:.1%}); anchor_scale {fitted.anchor_scale}, aspect ratios "
+                f"(w/h) {ratios}{'' if after > before else '; no better than the default, which is kept'}"
+            )
+        if share < LOW_SHARE:
+            hint = "set model.init_args.anchors=auto, or " if self.anchors != "auto" else ""
+            warnings.warn(
+                f"only {share:.1%} of the {len(boxes_xyxy)} training boxes (as resized to {self.image_size} px) have "
+                f"one of {what} at IoU >= {MATCH_IOU}; the others get one forced anchor each and train poorly "
+                f"(small or elongated objects): {hint}raise image_size",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def apply_anchors(self, spec: AnchorSpec) -> None:
+        """Use ``spec``'s anchors in the detector and its EMA copy (their count per location must not change)."""
+        set_anchors(self.detector, spec)
+        if self.ema is not None:
+            set_anchors(self.ema.module, spec)  # type: ignore[arg-type]
+        self._predictor.clear()
+        self.anchor_spec = spec
 
     # -- training ----------------------------------------------------------------------------------
     def _target(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -212,9 +289,11 @@ class DetectionTask(BaseTask):
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:
-        out = self.eval_bench()(self.prepare_images(batch["image"]), self._target(batch))
+        info, scales = self._letterbox_info(batch["img_size"])
+        out = self.eval_bench()(self.prepare_images(batch["image"]), {**self._target(batch), **info})
         self._log_losses(out, stage, len(batch["image"]))
-        for image_id, dets in zip(batch["image_id"].tolist(), split_detections(out["detections"]), strict=True):
+        detections = self._to_original(split_detections(out["detections"]), scales)
+        for image_id, dets in zip(batch["image_id"].tolist(), detections, strict=True):
             self._results[image_id] = to_coco_results([image_id], [dets], self.category_ids)
 
     def _ground_truth(self, stage: str) -> COCO | None:
@@ -234,7 +313,8 @@ class DetectionTask(BaseTask):
             warnings.warn(f"no COCO ground truth on the {stage} dataset (a CocoDetection); mAP not computed",
                           UserWarning, stacklevel=2)
             return
-        stats = coco_map(coco_gt, results, image_ids)
+        # Per-class AP too (``val/AP_<name>``, ``val/AP50_<name>``): what users read first.
+        stats = coco_map(coco_gt, results, image_ids, dict(zip(self.category_ids, self.class_names, strict=True)))
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "AP", sync_dist=True)
 
@@ -275,12 +355,32 @@ class DetectionTask(BaseTask):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the label -> category map so a checkpoint alone can write COCO results."""
         checkpoint["detection_categories"] = {"category_ids": list(self.category_ids), "names": list(self.class_names)}
+        if self.anchor_spec is not None:  # fitted anchors: predict must rebuild the same ones
+            checkpoint["detection_anchors"] = self.anchor_spec.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the label -> category map."""
+        """Restore the label -> category map, and fit the checkpoint's EMA weights to this task's ``ema_decay``.
+
+        A checkpoint trained with EMA loads into a task built with ``ema_decay: null`` (its EMA weights are
+        dropped: the raw weights are evaluated), and one trained without EMA into a task with it (the EMA
+        starts from the raw weights).
+        """
         cats = checkpoint.get("detection_categories")
         if cats:
             self.category_ids, self.class_names = tuple(cats["category_ids"]), tuple(cats["names"])
+        if checkpoint.get("detection_anchors"):
+            self.apply_anchors(AnchorSpec.from_dict(checkpoint["detection_anchors"]))
+        state = checkpoint.get("state_dict")
+        if state is None:
+            return
+        has_ema = any(k.startswith("ema.") for k in state)
+        if self.ema is None and has_ema:
+            for key in [k for k in state if k.startswith("ema.")]:
+                del state[key]
+        elif self.ema is not None and not has_ema:
+            for key in [k for k in state if k.startswith("detector.")]:
+                state["ema.module." + key.removeprefix("detector.")] = state[key].clone()
+            state["ema.n_averaged"] = torch.tensor(0, dtype=torch.long)
 
 
 __all__ = ["DetectionTask", "num_anchors"]

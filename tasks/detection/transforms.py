@@ -4,8 +4,8 @@ Boxes travel as ``pascal_voc`` (``boxes_xyxy`` in pixels) with ``labels`` as a l
 albumentations drops a label whenever it drops its box and the two stay aligned.
 
 The letterbox keeps the aspect ratio and pads at the bottom/right only, so a box in model
-coordinates maps back to the original image by one multiplication with ``img_scale``
-(``letterbox_scale``); effdet's ``DetBench*`` use the same convention.
+coordinates maps back to the original image by a multiplication per axis (``letterbox_scales``: the
+resized shorter side is rounded to whole pixels, so its factor differs slightly from the longer side's).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Literal
 
 import albumentations as A
 import cv2
+from torch import Tensor
 
 from tasks.common.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -22,8 +23,30 @@ _PAD_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 
 
 def letterbox_scale(width: int, height: int, image_size: int) -> float:
-    """Original-pixels-per-model-pixel of the letterbox: multiply model boxes by it to map back."""
+    """Original pixels per model pixel along the longer side (exact there; see :func:`letterbox_scales`)."""
     return max(width, height) / image_size
+
+
+def letterbox_size(width: int, height: int, image_size: int) -> tuple[int, int]:
+    """The ``(width, height)`` the letterbox resizes an image to, rounded as albumentations' ``LongestMaxSize``."""
+    scale = image_size / max(height, width)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def letterbox_scales(width: int, height: int, image_size: int) -> tuple[float, float]:
+    """Original pixels per model pixel along x and along y.
+
+    The shorter side is rounded to whole pixels (427 x 512/640 = 341.6 -> 342), so its factor differs from the
+    longer side's: one factor for both would shift boxes by up to half a model pixel along the shorter side.
+    """
+    new_w, new_h = letterbox_size(width, height, image_size)
+    return width / new_w, height / new_h
+
+
+def boxes_to_original(boxes_xyxy: Tensor, width: float, height: float, image_size: int) -> Tensor:
+    """``boxes_xyxy`` in letterboxed model pixels -> original-image pixels of a ``width`` x ``height`` image."""
+    sx, sy = letterbox_scales(int(width), int(height), image_size)
+    return boxes_xyxy * boxes_xyxy.new_tensor([sx, sy, sx, sy])
 
 
 def _bbox_params(split: str) -> A.BboxParams:

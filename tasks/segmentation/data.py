@@ -7,7 +7,6 @@ PyTorch's cross-entropy default), so the model never needs to know which value a
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +21,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.images import default_stats, find_images, read_image
+from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
 from tasks.common.sampling import make_loader
+from tasks.segmentation.classes import read_classes_json, resolve_classes
 from tasks.segmentation.io import check_pair, find_pairs, read_mask
 from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks, holds_other_data
 from tasks.segmentation.transforms import EvalResize, build_transforms
@@ -122,11 +123,6 @@ def collate_padded(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _read_classes_json(root: Path) -> dict[str, Any]:
-    path = root / "classes.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 class MaskDataModule(L.LightningDataModule):
     """Folders of images and class-id (or colour) masks, with a seeded val split when there is no ``val``.
 
@@ -137,15 +133,19 @@ class MaskDataModule(L.LightningDataModule):
     Args:
         root: Dataset folder.
         num_classes: Number of classes (2 for ``binary``: background and foreground).
-        class_names: One name per class (for logs and overlays).
+        class_names: One name per class (for logs and overlays). A last name for ``ignore_index`` (a void
+            label listed among the classes) is dropped: it is not a class.
+        class_weights: Per-class loss weights (``ce``, ``dice``), one per class; default from ``classes.json``
+            (``"class_weights"``). Linked to the model.
         class_colors: ``[r, g, b]`` of each class id when masks are colour images.
         mode: ``binary`` (ids 0/1), ``multiclass`` (ids 0..n-1) or ``multilabel`` (one mask plane per class).
         ignore_index: Mask value excluded from loss and metrics (e.g. 255).
         label_map: Raw mask value -> class id, e.g. ``{255: 1}`` for 0/255 masks.
         in_channels: Image channels (1 grayscale, 3 RGB, any for ``.npy`` images).
         image_size: Training crop side; evaluation resize side with ``eval_resize="resize"``.
-        eval_resize: ``resize`` val/test images to ``image_size``, or ``pad`` (native size; the model
-            pads to a multiple of 32 and crops back).
+        eval_resize: ``pad`` (default) evaluates val/test images at their own size, aspect ratio kept (the
+            model pads to a multiple of 32 and crops back; a batch of differing sizes is padded with the ignore
+            label); ``resize`` squashes them to ``image_size`` x ``image_size``.
         batch_size: Training batch size.
         eval_batch_size: Val/test batch size (default ``batch_size``; predict always uses 1).
         num_workers: DataLoader workers.
@@ -161,6 +161,11 @@ class MaskDataModule(L.LightningDataModule):
         predict_dir: Folder of images for ``predict`` (default ``<root>/test/images`` or the val images).
         synthetic: Generate the synthetic shapes dataset of this spec into ``root`` on first use (the
             quickstart); ignored when ``root`` holds other data, which is read as is.
+        check_images: Before a stage starts, open every image and mask of its splits: ``full`` (default)
+            decodes them (catches truncated files), ``header`` checks headers only (fast), ``off`` skips the
+            check (a bad file then stops the run when it is reached). All bad files are listed at once.
+        skip_unreadable: Leave out the samples whose image or mask cannot be read (one warning counts
+            them) instead of stopping with the list.
     """
 
     def __init__(
@@ -168,13 +173,14 @@ class MaskDataModule(L.LightningDataModule):
         root: str,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
+        class_weights: list[float] | None = None,
         class_colors: list[list[int]] | None = None,
         mode: Mode = "multiclass",
         ignore_index: int | None = None,
         label_map: dict[int, int] | None = None,
         in_channels: int = 3,
         image_size: int = 256,
-        eval_resize: EvalResize = "resize",
+        eval_resize: EvalResize = "pad",
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -188,12 +194,16 @@ class MaskDataModule(L.LightningDataModule):
         std: list[float] | None = None,
         predict_dir: str | None = None,
         synthetic: SyntheticMaskSpec | None = None,
+        check_images: CheckMode = "full",
+        skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
         # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
         # saving the raw arguments too would clash with the model's hparams when Lightning merges them.
         # (The spec is a dataclass, which a weights-only checkpoint cannot hold.)
-        self.save_hyperparameters(ignore=["num_classes", "class_names", "ignore_index", "mean", "std", "synthetic"])
+        self.save_hyperparameters(
+            ignore=["num_classes", "class_names", "class_weights", "ignore_index", "mean", "std", "synthetic"]
+        )
         self.root = Path(root)
         # A config's synthetic spec (the quickstart's) with a root that holds the user's own data: read that data.
         self.synthetic = None if synthetic is None or holds_other_data(self.root) else synthetic
@@ -204,20 +214,16 @@ class MaskDataModule(L.LightningDataModule):
                 "with train/images and train/masks (layout: docs/segmentation.md)"
             )
         # Known without generating anything: the spec names the classes.
-        meta = _read_classes_json(self.root) or ({"classes": synthetic.class_names} if synthetic else {})
-        names = class_names or meta.get("classes")
-        self.num_classes: int = num_classes or meta.get("num_classes") or (len(names) if names else 0)
-        if self.num_classes < 1:
-            raise ValueError(
-                f"num_classes is not set and {self.root / 'classes.json'} does not give it; set data num_classes"
-            )
-        if mode == "binary" and self.num_classes != 2:
-            raise ValueError(f"mode='binary' needs num_classes=2 (background, foreground), got {self.num_classes}")
-        self.class_names: list[str] = list(names) if names else [f"class_{i}" for i in range(self.num_classes)]
-        if len(self.class_names) != self.num_classes:
-            raise ValueError(f"{len(self.class_names)} class_names for num_classes={self.num_classes}")
+        meta = read_classes_json(self.root) or ({"classes": synthetic.class_names} if synthetic else {})
+        classes = resolve_classes(
+            self.root, meta, num_classes=num_classes, class_names=class_names, class_weights=class_weights,
+            ignore_index=ignore_index, mode=mode,
+        )  # fmt: skip
+        self.num_classes: int = classes.num_classes
+        self.class_names: list[str] = list(classes.names)
+        self.class_weights: list[float] | None = list(classes.weights) if classes.weights is not None else None
+        self.ignore_index: int | None = classes.ignore_index
         self.class_colors = class_colors or meta.get("colors")
-        self.ignore_index = ignore_index if ignore_index is not None else meta.get("ignore_index")
         self.mode, self.in_channels = mode, in_channels
         default_mean, default_std = default_stats(in_channels)
         self.mean: list[float] = list(mean or default_mean)
@@ -255,18 +261,48 @@ class MaskDataModule(L.LightningDataModule):
             ensure_masks(self.root, self.synthetic)
 
     def setup(self, stage: str) -> None:
-        """Build the datasets ``stage`` needs (file lists only; images are read lazily)."""
+        """Build the datasets ``stage`` needs, after the pre-flight check of their files (``check_images``)."""
         self.prepare_data()  # a no-op when the data is there (Python users may call setup alone)
         if stage in ("fit", "validate") and "val" not in self.datasets:
             train, val = self._train_val_pairs()
+            if stage == "fit":  # one check (one message) over both splits
+                train, val = self._readable({"train": train, "val": val}).values()
+            else:
+                val = self._readable({"val": val})["val"]
             self.datasets["train"] = self._dataset(train * self.hparams.train_repeats, "train")
             self.datasets["val"] = self._dataset(val, "val")
         if stage == "test" and "test" not in self.datasets:
             test_dir = self.root / "test"
             pairs = find_pairs(test_dir) if test_dir.is_dir() else self._train_val_pairs()[1]
-            self.datasets["test"] = self._dataset(pairs, "test")
+            self.datasets["test"] = self._dataset(self._readable({"test": pairs})["test"], "test")
         if stage == "predict" and "predict" not in self.datasets:
-            self.datasets["predict"] = self._dataset([(p, None) for p in find_images(self._predict_dir())], "predict")
+            images = [(p, None) for p in find_images(self._predict_dir())]
+            self.datasets["predict"] = self._dataset(self._readable({"predict": images})["predict"], "predict")
+
+    def _readable(self, splits: dict[str, list[tuple[Path, Path | None]]]) -> dict[str, list[tuple[Path, Path | None]]]:
+        """``splits`` without the pairs whose image or mask cannot be read, or an error listing every such file.
+
+        Every file is opened (and with ``check_images: full`` decoded) once, before training: a bad file is
+        then reported with all the others, not when the loader reaches it.
+        """
+        mode = self.hparams.check_images
+        if mode == "off" and self.hparams.skip_unreadable:
+            mode = "full"  # skipping needs the check
+        files = {f for pairs in splits.values() for pair in pairs for f in pair if f is not None}
+        bad = find_unreadable(files, mode, f"checking {len(files)} files of {', '.join(splits)}")
+        if not bad:
+            return splits
+        if not self.hparams.skip_unreadable:
+            fix = ("Set skip_unreadable: true in the data config (data.init_args.skip_unreadable=true) to leave them "
+                   "out, or re-save them, or delete each bad image together with its mask.")  # fmt: skip
+            raise unreadable_error(bad, len(files), f"{self.root} ({', '.join(splits)})", fix, self.root)
+        kept = {k: [p for p in pairs if p[0] not in bad and p[1] not in bad] for k, pairs in splits.items()}
+        dropped = sum(len(v) for v in splits.values()) - sum(len(v) for v in kept.values())
+        warn_skipped(bad, len(files), f"{self.root} ({', '.join(splits)})", f"; {dropped} sample(s) dropped")
+        for split, pairs in kept.items():
+            if not pairs:
+                raise ValueError(f"no readable samples left in the {split} split of {self.root}; see the files above")
+        return kept
 
     def _predict_dir(self) -> Path:
         if self.hparams.predict_dir:

@@ -21,6 +21,7 @@ import effbackbone.integrations.smp as eb_smp
 from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
 from tasks.common.schedules import LRSchedule
+from tasks.segmentation.classes import check_class_weights
 from tasks.segmentation.data import IGNORE_LABEL
 from tasks.segmentation.distill import DistillConfig, distillation_kl, load_teacher, teacher_logits
 from tasks.segmentation.losses import CompositeLoss
@@ -69,7 +70,8 @@ class SegmentationTask(BaseTask):
         decoder_options: Extra smp model kwargs (``decoder_channels``, ``encoder_output_stride``, ...).
         loss: ``ce``, ``dice``, ``focal`` or a sum such as ``ce+dice``.
         loss_weights: Weight of each term of ``loss`` (default 1 each).
-        class_weights: Per-class weights for ``ce`` and ``dice``.
+        class_weights: Per-class weights for ``ce`` and ``dice``, one per class (linked from the data, which
+            reads them from ``classes.json`` when it has them).
         ignore_index: Target value excluded from loss and metrics (the data module writes -100).
         freeze_encoder_epochs: Train only the decoder for this many epochs (encoder BN frozen too).
         tile_size: Prediction tile side; larger images are tiled with overlap and averaged.
@@ -141,7 +143,11 @@ class SegmentationTask(BaseTask):
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         if len(self.class_names) != num_classes:
-            raise ValueError(f"{len(self.class_names)} class_names for num_classes={num_classes}")
+            raise ValueError(
+                f"{len(self.class_names)} class_names for num_classes={num_classes}; give one name per class"
+            )
+        # Here, not at the first step, where PyTorch's own error names neither the option nor the fix.
+        check_class_weights(class_weights, num_classes, mode)
         self.mean, self.std = mean, std
         self.tile_size, self.tile_overlap = tile_size, tile_overlap
         self.freeze_encoder_epochs = freeze_encoder_epochs

@@ -21,7 +21,7 @@ def build_transforms(
     image_size: int,
     *,
     in_channels: int = 3,
-    eval_resize: EvalResize = "resize",
+    eval_resize: EvalResize = "pad",
     crop_scale: tuple[float, float] = (0.25, 1.0),
     vertical_flip: bool = False,
     color_jitter: float = 0.2,
@@ -30,9 +30,9 @@ def build_transforms(
 
     Args:
         split: ``train`` gets a random resized crop to ``image_size``, flips and colour jitter;
-            ``val``/``test`` are resized to ``image_size`` (``eval_resize="resize"``) or kept at their
-            own size (``"pad"``: the model pads to a multiple of 32 and crops back, and the batch
-            collate pads differing sizes with the ignore label); ``predict`` keeps the image as is.
+            ``val``/``test`` are kept at their own size (``eval_resize="pad"``, the default: the model
+            pads to a multiple of 32 and crops back, and the batch collate pads differing sizes with the
+            ignore label) or squashed to ``image_size`` (``"resize"``); ``predict`` keeps the image as is.
         image_size: Side of the square training crop and of the evaluation resize.
         in_channels: Image channels; colour jitter (hue, saturation) needs 3, other counts get
             brightness/contrast only.

@@ -159,3 +159,93 @@ def test_raccoon_reads_with_grayscale_images(raccoon_data):
     for i in grey[:2] or [0]:
         sample = ds[i]
         assert sample["image"].shape == (3, 128, 128) and len(sample["labels"]) >= 1
+
+
+def _odd_size_split(root: Path) -> Path:
+    """Three odd-sized images, with small (2-12 px) and large boxes: where a rounding shift costs the most."""
+    sizes = {101: (427, 640), 205: (333, 500), 307: (640, 359)}
+    images = [{"id": i, "file_name": f"{i}.png", "width": w, "height": h} for i, (w, h) in sizes.items()]
+    rng = np.random.default_rng(0)
+    anns = []
+    for i, (w, h) in sizes.items():
+        for side in (4, 7, 12, 30, 90, 200):
+            x, y = rng.uniform(0, w - side), rng.uniform(0, h - side)
+            anns.append({"image_id": i, "category_id": int(rng.choice([3, 17, 90])), "bbox": [x, y, side, side * 0.8]})
+    return write_coco(root, images, anns, split="val")
+
+
+def test_ground_truth_round_trip_scores_ap_one_on_odd_sizes(tmp_path):
+    import torch
+
+    from tasks.detection.coco_eval import coco_map, to_coco_results
+    from tasks.detection.transforms import boxes_to_original
+
+    ds = dataset(_odd_size_split(tmp_path), tmp_path, size=512, split="val")
+    per_axis, single = [], []
+    for k in range(len(ds)):
+        s = ds[k]
+        w, h = s["img_size"]
+        det = {"scores": torch.ones(len(s["labels"])), "labels": s["labels"]}
+        back = boxes_to_original(s["boxes_xyxy"], w, h, 512)  # what the task does with its detections
+        per_axis += to_coco_results([s["image_id"]], [{**det, "boxes_xyxy": back}], ds.category_map.category_ids)
+        old = s["boxes_xyxy"] * s["img_scale"]  # one factor for both axes: shifted along the rounded side
+        single += to_coco_results([s["image_id"]], [{**det, "boxes_xyxy": old}], ds.category_map.category_ids)
+    assert coco_map(ds.coco, per_axis)["AP"] == 1.0
+    assert coco_map(ds.coco, single)["AP"] < 0.99  # the test can see the half-pixel shift
+
+
+def test_labelme_background_category_is_dropped_with_a_warning(tmp_path):
+    cats = [{"id": 0, "name": "_background_", "supercategory": None}, {"id": 1, "name": "cat"},
+            {"id": 2, "name": "dog"}]  # fmt: skip
+    images = [{"id": 1, "file_name": "a.png", "width": 64, "height": 64}]
+    path = write_coco(tmp_path, images, [{"image_id": 1, "category_id": 2, "bbox": [4, 4, 20, 20]},
+                                         {"image_id": 1, "category_id": 0, "bbox": [0, 0, 64, 64]}])  # fmt: skip
+    data = json.loads(path.read_text())
+    data["categories"] = cats
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match=r"left out category 0 '_background_': a placeholder .* 2 classes remain"):
+        dm = CocoDataModule(root=str(tmp_path), image_size=128, val_split="train", check_images="off")
+        assert dm.num_classes == 2
+    assert dm.category_map.category_ids == (1, 2) and dm.category_map.names == ("cat", "dog")
+    dm.setup("validate")
+    assert dm.datasets["val"][0]["labels"].tolist() == [1]  # the background annotation is not a box to find
+
+
+def test_predict_on_a_coco_split_writes_its_image_ids_for_pycocotools(tmp_path):
+    pytest.importorskip("effdet")
+    import contextlib
+    import io
+
+    import lightning as L
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from tasks.detection import DetectionTask
+    from tasks.detection.predict import DetectionWriter
+
+    annotations = _odd_size_split(tmp_path)
+    task = DetectionTask(num_classes=3, image_size=128)
+    task.category_ids = (3, 17, 90)
+    runs = {"predict_split": {"predict_split": "val"},
+            "predict_dir": {"predict_dir": str(tmp_path / "val" / "images")}}  # fmt: skip
+    for name, option in runs.items():
+        dm = CocoDataModule(root=str(tmp_path), image_size=128, batch_size=2, val_split="val", train_split="val",
+                            **option)  # fmt: skip
+        out = tmp_path / name
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[DetectionWriter(str(out), draw=False)])  # fmt: skip
+        trainer.predict(task, datamodule=dm, return_predictions=False)
+        results = json.loads((out / "results.json").read_text())
+        assert results and {r["image_id"] for r in results} == {101, 205, 307}, name
+        with contextlib.redirect_stdout(io.StringIO()):  # scored directly, no remapping
+            gt = COCO(str(annotations))
+            evaluator = COCOeval(gt, gt.loadRes(str(out / "results.json")), "bbox")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        assert evaluator.stats[0] >= 0.0
+    # From Python: predict_folder takes the ids from the json it is given.
+    from tasks.detection.predict import predict_folder
+
+    path = predict_folder(task, tmp_path / "val" / "images", tmp_path / "py", annotation_file=annotations)
+    assert {r["image_id"] for r in json.loads(path.read_text())} == {101, 205, 307}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,9 +17,10 @@ pytest.importorskip("jsonargparse")
 
 from tasks.cli import main, run_cli  # noqa: E402
 from tasks.detection import DetectionTask  # noqa: E402
+from tasks.detection.anchors import match_share  # noqa: E402
 from tasks.detection.data import CocoDataModule  # noqa: E402
 from tasks.detection.predict import predict_folder  # noqa: E402
-from tasks.detection.synthetic import SyntheticCocoSpec  # noqa: E402
+from tasks.detection.synthetic import SyntheticCocoSpec, generate_synthetic_coco  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "det_d0.yaml")
 
@@ -67,6 +70,8 @@ def test_cli_fit_logs_coco_map_and_checkpoints_categories(trained):
     metrics = trained.cli.trainer.callback_metrics
     for name in ("val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl", "val/loss", "train/loss"):
         assert name in metrics, name
+    for shape in ("rectangle", "ellipse", "triangle"):  # per class, by name
+        assert f"val/AP_{shape}" in metrics and f"val/AP50_{shape}" in metrics
     assert 0.0 <= float(metrics["val/AP"]) <= 1.0
     task = trained.cli.model
     assert task.num_classes == 3 and task.category_ids == (3, 17, 90)  # linked from the data, sparse ids kept
@@ -174,3 +179,114 @@ def test_channels_last_gives_the_same_training_step():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     # Float rounding differs between the layouts' kernels; summed over every pixel it stays tiny.
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-4
+
+
+def test_cli_model_option_overrides_the_checkpoint_ema(trained, tmp_path):
+    """``--model.init_args.ema_decay null`` with ``--ckpt_path`` must reach the model (Lightning re-applied the
+    checkpoint's hyper-parameters over it, so the EMA weights were validated again: identical numbers)."""
+    base = ["validate", "--config", CONF, f"--ckpt_path={trained.ckpt}",
+            f"--data.init_args.root={trained.root / 'data'}", f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+    with_ema = run_cli(base)
+    raw = run_cli([*base, "--model.init_args.ema_decay", "null"])
+    assert with_ema.model.ema is not None and raw.model.ema is None
+    ema_loss, raw_loss = (float(c.trainer.callback_metrics["val/loss"]) for c in (with_ema, raw))
+    assert ema_loss != raw_loss  # the raw weights were validated, not the EMA ones again
+
+
+def _many_class_coco(root: Path, num_train: int = 16) -> Path:
+    """80 sparse COCO ids (like COCO's 1..90), of which the generated shapes use six; crowd and empty images."""
+    generate_synthetic_coco(root, SyntheticCocoSpec(num_train=num_train, num_val=6, num_classes=6, min_size=64,
+                                                    max_size=128, empty_fraction=0.2, seed=1))  # fmt: skip
+    ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+    for split in ("train", "val"):
+        path = root / "annotations" / f"instances_{split}.json"
+        data = json.loads(path.read_text())
+        old = {c["id"]: k for k, c in enumerate(data["categories"])}
+        data["categories"] = [{"id": i, "name": f"c{i}"} for i in ids]
+        for a in data["annotations"]:
+            a["category_id"] = ids[old[a["category_id"]] * 13]
+        if data["annotations"]:
+            data["annotations"][0]["iscrowd"] = 1
+        path.write_text(json.dumps(data))
+    return root
+
+
+def test_ema_validation_has_no_jump_on_many_classes(tmp_path):
+    """A short run with 80 classes: the EMA weights (what validates) must score like the raw weights.
+
+    The issue's jump (val class loss 1.21 -> 32.9, EMA suspected) would show as an EMA loss far above the raw
+    weights' on the same batches; a broken EMA (wrong buffers, decay, warm-up) fails here.
+    """
+    dm = CocoDataModule(root=str(_many_class_coco(tmp_path)), image_size=128, batch_size=4, augment=False)
+    dm.setup("fit")
+    torch.manual_seed(0)
+    task = DetectionTask(num_classes=dm.num_classes, image_size=128, ema_decay=0.99, bn_momentum=0.1)
+    assert task.num_classes == 80
+    optimizer = torch.optim.AdamW(task.detector.parameters(), lr=1e-3)
+
+    def val_class_loss(bench) -> float:
+        bench.eval()
+        with torch.no_grad():
+            losses = [float(bench(b["image"], {**task._target(b), **task._letterbox_info(b["img_size"])[0]})
+                            ["class_loss"]) for b in dm.val_dataloader()]  # fmt: skip
+        return sum(losses) / len(losses)
+
+    history = []
+    for _epoch in range(2):
+        task.detector.train()
+        for batch in dm.train_dataloader():
+            out = task.detector(batch["image"], task._target(batch))
+            optimizer.zero_grad()
+            out["loss"].backward()
+            optimizer.step()
+            task.ema.update_parameters(task.detector)
+        history.append((val_class_loss(task.ema.module), val_class_loss(task.detector), float(out["class_loss"])))
+    for ema_loss, raw_loss, train_loss in history:
+        assert math.isfinite(ema_loss) and ema_loss < 3 * max(raw_loss, train_loss), history
+    assert history[1][0] < 3 * history[0][0], history  # no jump from one epoch to the next
+
+
+def test_checkpoint_without_ema_loads_into_a_task_with_ema():
+    plain = DetectionTask(num_classes=2, image_size=128)
+    checkpoint = {"state_dict": plain.state_dict()}
+    task = DetectionTask(num_classes=2, image_size=128, ema_decay=0.9)
+    task.on_load_checkpoint(checkpoint)
+    task.load_state_dict(checkpoint["state_dict"])  # strict: the EMA keys were filled from the raw weights
+    w = "model.class_net.predict.conv_pw.weight"
+    torch.testing.assert_close(task.ema.module.state_dict()[w], plain.detector.state_dict()[w])
+
+
+def _small_boxes(n_images: int = 40, per_image: int = 30, size: int = 256) -> np.ndarray:
+    """Blood-smear-like boxes in model pixels: ~30 cells of 9-16 px per image, slightly tall."""
+    rng = np.random.default_rng(0)
+    wh = rng.uniform(9, 16, (n_images * per_image, 2)) * np.array([[1.0, 1.25]])
+    xy = rng.uniform(0, size - 25, (n_images * per_image, 2))
+    return np.concatenate([xy, xy + wh], 1).astype(np.float32)
+
+
+def test_anchors_auto_raises_the_match_share_and_survives_the_checkpoint(tmp_path):
+    boxes = _small_boxes()
+    task = DetectionTask(num_classes=3, image_size=256, anchors="auto", ema_decay=0.9)
+    before = match_share(boxes, task.current_anchors(), 256)
+    task._fit_anchors(boxes)
+    after = match_share(boxes, task.current_anchors(), 256)
+    assert before < 0.05 and after > 0.75 and task.anchor_spec is not None  # measured: 0.0% -> 81.8%
+    torch.testing.assert_close(task.ema.module.anchors.boxes, task.detector.anchors.boxes)
+    # Saved in the checkpoint; a task built from it (predict) rebuilds the same anchors.
+    checkpoint = {"state_dict": task.state_dict()}
+    task.on_save_checkpoint(checkpoint)
+    restored = DetectionTask(num_classes=3, image_size=256, anchors="auto", ema_decay=0.9)
+    restored.on_load_checkpoint(checkpoint)
+    restored.load_state_dict(checkpoint["state_dict"])
+    torch.testing.assert_close(restored.detector.anchors.boxes, task.detector.anchors.boxes)
+    assert restored.current_anchors() == task.current_anchors()
+    restored.eval()
+    with torch.no_grad():  # the predictor is built on the fitted anchors
+        restored(torch.zeros(1, 3, 256, 256))
+    torch.testing.assert_close(next(iter(restored._predictor.values())).anchors.boxes, task.detector.anchors.boxes)
+
+
+def test_low_anchor_match_share_warns_and_suggests_auto():
+    task = DetectionTask(num_classes=3, image_size=256)
+    with pytest.warns(UserWarning, match=r"only \d+\.\d% of the 1200 training boxes .*init_args.anchors=auto"):
+        task._fit_anchors(_small_boxes())
