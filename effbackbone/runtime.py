@@ -8,7 +8,7 @@ next to the input rules (channels, size divisibility or fixed size, mean/std), s
 self-describing: ``load_onnx_model(path)(images)`` needs nothing else. :mod:`effbackbone.quantize`
 builds its int8 files on this.
 
-Torch only at import; ``onnx`` and ``onnxruntime`` are imported when needed (``effbackbone[export]``).
+Torch only at import; ``onnx`` and ``onnxruntime`` are imported when needed (``effbackbone[deploy]``).
 """
 
 from __future__ import annotations
