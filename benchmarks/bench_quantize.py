@@ -129,9 +129,10 @@ def speed_cases(name: str, model: nn.Module, calib: list[Tensor], args: argparse
     timm_name = {"lite0": "tf_efficientnet_lite0", "b0": "efficientnet_b0"}[name]
     ref = timm.create_model(timm_name, pretrained=False).eval().to(memory_format=torch.channels_last)
     fast = optimize_for_inference(model, channels_last=True)
-    fp32 = to_runtime(model, x)
-    int8 = quantize_int8(model, calib)
-    int8_full = quantize_int8(model, calib, reduce_range=False)
+    # ONNX Runtime gets the same thread count as torch (its default, all cores, spin-waits on a busy machine).
+    fp32 = to_runtime(model, x, num_threads=args.threads)
+    int8 = quantize_int8(model, calib, num_threads=args.threads)
+    int8_full = quantize_int8(model, calib, reduce_range=False, num_threads=args.threads)
     print(f"[{name}] file MB: fp32 {fp32.size_bytes / 1e6:.2f}, int8 {int8.size_bytes / 1e6:.2f}")
 
     def inference(fn: Callable[[Tensor], Any], inp: Tensor) -> Callable[[], Any]:
@@ -205,8 +206,7 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--data", type=Path, default=RACCOON, help="the raccoon photos (shared/data/raccoon)")
     args = parser.parse_args()
-    global RACCOON
-    RACCOON = args.data
+    globals()["RACCOON"] = args.data
     common.setup(args)
     payload: dict[str, Any] = {}
     lite0 = lite0_real()

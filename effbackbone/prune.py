@@ -8,9 +8,11 @@ The block's input and output widths, and so every level's channels (``feature_sp
 residual adds and any decoder built on the encoder, stay as they are; the SE bottleneck width stays
 too. Fused-MBConv (V2) blocks prune ``conv_exp`` rows the same way.
 
-Channels are ranked per block by the L1 (or L2) norm of their ``conv_pw`` filter (Li et al.,
-"Pruning Filters for Efficient ConvNets", ICLR 2017), and each block keeps a multiple of 8 channels
-(vector width of the CPU kernels; odd widths run slower than the next multiple of 8).
+Channels are ranked per block by ``|gamma|`` of the BN before the projection (Liu et al., "Learning
+Efficient Convolutional Networks through Network Slimming", ICCV 2017), whose removed channels' mean
+output is folded into the next BN, or by the L1 / L2 norm of their ``conv_pw`` filter (Li et al.,
+"Pruning Filters for Efficient ConvNets", ICLR 2017). Each block keeps a multiple of 8 channels
+(vector width of the CPU kernels).
 
 The pruned architecture is the per-block expanded widths, which the state dict's shapes carry:
 :func:`load_pruned_state_dict` resizes a freshly built model to match a checkpoint and loads it, and
@@ -46,7 +48,7 @@ def prune_expansion(
     model: M,
     ratio: float,
     *,
-    norm: Literal["l1", "l2"] = "l1",
+    criterion: Literal["bn", "l1", "l2"] = "bn",
     divisor: int = 8,
     inplace: bool = False,
 ) -> M:
@@ -55,27 +57,40 @@ def prune_expansion(
     Args:
         model: An EfficientNet, or any model containing its blocks (an smp model, an EfficientDet).
         ratio: Fraction of each block's expanded channels to remove, in [0, 1).
-        norm: ``l1`` or ``l2`` norm of each channel's expansion filter ranks the channels.
+        criterion: ``bn``: ``|gamma|`` of the BN before the projection (network slimming, Liu et al.
+            2017), with the removed channels' mean output ``act(beta)`` folded into the projection's BN
+            (blocks without SE); ``l1`` / ``l2``: norm of each channel's expansion filter (Li et al.
+            2017). On trained weights ``bn`` keeps far more of the model (docs/deploy.md): trained
+            filters include dead ones (norm ~0) whose channel still outputs the constant ``act(beta)``.
         divisor: Each block keeps a multiple of this many channels (at least ``divisor``).
         inplace: Change ``model`` instead of a deep copy.
 
     Returns:
         The pruned model (same mode). New parameters replace the pruned ones, so build the optimizer
-        after pruning; BN statistics and the kept weights are preserved, so fine-tune to recover.
+        after pruning; BN statistics and the kept weights are preserved; fine-tune to recover.
     """
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    if norm not in ("l1", "l2"):
-        raise ValueError(f"norm must be 'l1' or 'l2', got {norm!r}")
+    if criterion not in ("bn", "l1", "l2"):
+        raise ValueError(f"criterion must be 'bn', 'l1' or 'l2', got {criterion!r}")
     pruned = model if inplace else copy.deepcopy(model)
-    for block in expandable_blocks(pruned).values():
+    for name, block in expandable_blocks(pruned).items():
         weight = _expand_conv(block).weight.detach()
         width = weight.shape[0]
         keep_n = max(divisor, int(round(width * (1.0 - ratio) / divisor)) * divisor)
         if keep_n >= width:
             continue
-        score = weight.flatten(1).abs().sum(1) if norm == "l1" else weight.flatten(1).pow(2).sum(1)
+        if criterion == "bn":
+            bn = _last_bn(block)
+            if not isinstance(bn, nn.BatchNorm2d):
+                raise ValueError(f"criterion='bn' needs the BatchNorms of block {name} (prune before fusing BN)")
+            score = bn.weight.detach().abs()
+        else:
+            flat = weight.flatten(1)
+            score = flat.abs().sum(1) if criterion == "l1" else flat.pow(2).sum(1)
         keep = score.topk(keep_n).indices.sort().values  # keep the original channel order
+        if criterion == "bn":
+            _fold_removed_mean(block, keep)
         _select_channels(block, keep)
     return pruned
 
@@ -129,6 +144,30 @@ def load_pruned_state_dict(model: M, state_dict: Mapping[str, Tensor], *, strict
 
 def _expand_conv(block: nn.Module) -> nn.Conv2d:
     return getattr(block, _EXPAND[type(block)])
+
+
+def _last_bn(block: nn.Module) -> nn.Module:
+    """The BN right before SE and the projection (``bn2`` of MBConv, ``bn1`` of Fused-MBConv)."""
+    return block.bn2 if isinstance(block, MBConv) else block.bn1
+
+
+@torch.no_grad()
+def _fold_removed_mean(block: nn.Module, keep: Tensor) -> None:
+    """Fold the removed channels' mean output into the projection BN's running mean.
+
+    After BN a channel is about ``beta + gamma * N(0, 1)``; with small ``|gamma|`` it is about the constant
+    ``act(beta)``, and its contribution ``W_pwl[:, c] * act(beta_c)`` to the projection can be kept as a
+    shift of the next BN's mean. Blocks with SE are left alone: the gate varies per image.
+    """
+    bn_in, bn_out = _last_bn(block), (block.bn3 if isinstance(block, MBConv) else block.bn2)
+    if not isinstance(block.se, nn.Identity) or not isinstance(bn_out, nn.BatchNorm2d):
+        return
+    removed = torch.ones(bn_in.num_features, dtype=torch.bool, device=keep.device)
+    removed[keep] = False
+    act = block.act2 if isinstance(block, MBConv) else block.act1
+    mean_out = act(bn_in.bias.detach().clone())[removed]  # clone: the activations are in-place
+    shift = block.conv_pwl.weight[:, removed, 0, 0].to(mean_out.dtype) @ mean_out
+    bn_out.running_mean -= shift.to(bn_out.running_mean.dtype)
 
 
 @torch.no_grad()

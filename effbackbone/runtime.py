@@ -348,11 +348,14 @@ def load_onnx_model(path: str | Path, **kwargs: Any) -> OnnxModel:
     return OnnxModel(path, **kwargs)
 
 
-def to_runtime(model: nn.Module, example: Tensor, **kwargs: Any) -> OnnxModel:
-    """Export ``model`` to a temporary file and load it: the fp32 ONNX Runtime model (the deployment row)."""
+def to_runtime(model: nn.Module, example: Tensor, *, num_threads: int | None = None, **kwargs: Any) -> OnnxModel:
+    """Export ``model`` to a temporary file and load it: the fp32 ONNX Runtime model (the deployment row).
+
+    ``kwargs`` go to :func:`export_for_runtime`; ``num_threads`` to :class:`OnnxModel`.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = export_for_runtime(model, Path(tmp) / "model.onnx", example, **kwargs)
-        return OnnxModel(path.read_bytes())
+        return OnnxModel(path.read_bytes(), num_threads=num_threads)
 
 
 __all__ = [

@@ -10,6 +10,7 @@ from torch import nn
 
 import effbackbone
 from effbackbone.blocks import MBConv
+from effbackbone.fuse import optimize_for_inference
 from effbackbone.profile import count_params
 from effbackbone.prune import (
     expandable_blocks,
@@ -52,7 +53,7 @@ def test_pruning_equals_masking_the_removed_channels() -> None:
     """The surgery is exact: the pruned block computes what the dense one does with those channels cut."""
     torch.manual_seed(0)
     model = _model(tf_compat=True)  # TF "same" padding and SE
-    pruned = prune_expansion(model, 0.25, norm="l2")
+    pruned = prune_expansion(model, 0.25, criterion="l2")
     masked = model
     with torch.no_grad():
         for name, block in expandable_blocks(masked).items():
@@ -71,14 +72,35 @@ def test_pruning_equals_masking_the_removed_channels() -> None:
         torch.testing.assert_close(out[name], ref[name], rtol=1e-4, atol=1e-5 * float(ref[name].abs().max()))
 
 
+def test_bn_criterion_removes_constant_channels_exactly() -> None:
+    """A channel whose BN has gamma = 0 outputs act(beta) everywhere: removing it and folding that
+    constant into the projection's BN changes nothing (Lite0: no SE, ReLU6)."""
+    model = _model("lite0")
+    with torch.no_grad():
+        for block in expandable_blocks(model).values():
+            n = block.bn2.num_features
+            constant = torch.randperm(n)[: n // 4]  # a quarter of the channels made constant, not zero
+            block.bn2.weight[constant] = 0.0
+            block.bn2.bias[constant] = torch.rand(len(constant)) * 6
+    pruned = prune_expansion(model, 0.25, divisor=1)
+    assert sum(expansion_widths(pruned).values()) < 0.8 * sum(expansion_widths(model).values())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = model(x), pruned(x)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], rtol=1e-4, atol=1e-5 * float(ref[name].abs().max()))
+
+
 def test_ratio_zero_changes_nothing_and_bad_arguments_fail() -> None:
     model = _model()
     same = prune_expansion(model, 0.0)
     assert expansion_widths(same) == expansion_widths(model)
     with pytest.raises(ValueError, match="ratio"):
         prune_expansion(model, 1.0)
-    with pytest.raises(ValueError, match="norm"):
-        prune_expansion(model, 0.5, norm="l3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="criterion"):
+        prune_expansion(model, 0.5, criterion="l3")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="prune before fusing BN"):
+        prune_expansion(optimize_for_inference(model), 0.5)
     with pytest.raises(KeyError, match="not MBConv blocks"):
         resize_expansions(model, {"blocks.9.9": 8})
 
