@@ -1,6 +1,7 @@
 """Structured pruning of MBConv expansion channels vs unstructured L1 pruning: params, MACs, CPU latency.
 
-For B0 and Lite0 classifiers at pruning ratios 0 / 0.25 / 0.5 / 0.75 (:func:`effbackbone.prune.prune_expansion`):
+For B0 and Lite0 classifiers at pruning ratios 0 / 0.1 / 0.25 / 0.5 / 0.75 (:func:`effbackbone.prune.prune_expansion`,
+default BN-gamma criterion; filter-L1 rows at 0.1 and 0.5 for comparison):
 parameters, multiply-adds at 224, and interleaved latency of the fast mode (BN folded, channels_last,
 ``inference_mode``) at batch 1 and 8. Unstructured rows: ``torch.nn.utils.prune.l1_unstructured`` at 50% on
 every conv (made permanent), which zeroes weights but keeps the dense tensors, so the kernels do the same work.
@@ -43,6 +44,8 @@ def unstructured(model: nn.Module, amount: float) -> nn.Module:
 def variants(model: nn.Module) -> dict[str, nn.Module]:
     out = {"dense": model}
     out.update({f"structured {r:.2f}": prune_expansion(model, r) for r in RATIOS})
+    out.update({f"structured L1 {r:.2f}": prune_expansion(model, r, criterion="l1") for r in (0.1, 0.5)})
+    out["structured 0.10"] = prune_expansion(model, 0.1)
     out["unstructured L1 0.50"] = unstructured(model, 0.5)
     return out
 

@@ -152,3 +152,16 @@ def test_prunes_the_encoder_inside_an_smp_unet() -> None:
     assert sum(expansion_widths(pruned).values()) < 0.6 * sum(expansion_widths(unet).values())
     with torch.no_grad():
         assert pruned(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_pruned_model_quantizes() -> None:
+    pytest.importorskip("onnxruntime")
+    from effbackbone.quantize import quantize_int8
+
+    pruned = prune_expansion(_model(out_indices=(0, 1, 2)), 0.5)
+    q = quantize_int8(pruned, [torch.randn(2, 3, 64, 64)])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = pruned(x)
+    for name, value in q(x).items():
+        assert torch.nn.functional.cosine_similarity(value.flatten(1), ref[name].flatten(1)).item() > 0.98

@@ -112,6 +112,15 @@ def test_int8_file_is_smaller_than_fp32(tf_encoder: nn.Module, tf_encoder_int8: 
         load_int8(path)
 
 
+def test_fp32_runtime_matches_pytorch(tf_encoder: nn.Module) -> None:
+    fp32 = to_runtime(tf_encoder, torch.randn(1, 3, 64, 64), num_threads=1)
+    x = torch.randn(2, 3, 65, 97)
+    with torch.no_grad():
+        ref = tf_encoder(x)
+    for name, value in fp32(x).items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4 * float(ref[name].abs().max()))
+
+
 def test_smp_unet_int8_close_to_fp32() -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     import effbackbone.integrations.smp  # noqa: F401
