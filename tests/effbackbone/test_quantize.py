@@ -308,7 +308,7 @@ def test_lite0_real_weights_int8_agrees_on_raccoon_photos() -> None:
     p = ref.softmax(1).topk(2).values
     sure = p[:, 0] > 2 * p[:, 1]
     agree_sure = float((out.argmax(1) == top1)[sure].float().mean())
-    # Measured (40 val photos): fp32 top-1 in int8 top-5 0.975, cosine 0.978, 11/11 sure ones agree;
-    # all photos agree at 0.55-0.79 depending on the preprocessing and calibration set (docs/deploy.md).
+    # Measured on the 40 val photos: fp32 top-1 in int8 top-5 0.975, cosine 0.979, 16 of the 17 sure
+    # ones agree; over all photos top-1 agreement is 0.75-0.80 (docs/deploy.md).
     assert in_top5 >= 0.85 and float(F.cosine_similarity(out, ref).mean()) > 0.95
     assert int(sure.sum()) >= 3 and agree_sure >= 0.8
