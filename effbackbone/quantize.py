@@ -9,7 +9,7 @@ calibration method, weight range).
 
 Weights use 7 bits of the int8 range by default (``reduce_range=True``): on x86 CPUs without VNNI,
 ONNX Runtime's u8 x s8 kernels sum pairs of products in int16 (``vpmaddubsw``), which saturates with
-full-range weights; on Lite0 that cost 0.20 of top-1 agreement with fp32 (docs/deploy.md).
+full-range weights; on Lite0 that cost 0.23 of top-1 agreement with fp32 (docs/deploy.md).
 
 Torch only at import; ``onnx``/``onnxruntime`` are imported when needed (``effbackbone[deploy]``).
 """
@@ -74,7 +74,7 @@ def quantize_int8(
             encoder, or an effdet ``EfficientDet`` (not a bench). It is not changed.
         calibration: Batches of images ``(N, C, H, W)``, float and normalised exactly as for the
             float model (tensors or arrays; ``(image, ...)`` tuples and ``{"image": ...}`` dicts from a
-            DataLoader work). A few hundred training images are plenty (16 batches of 8).
+            DataLoader work). 64 training images were enough for Lite0 (docs/deploy.md).
         output_path: Also save the ``.onnx`` file there.
         method: Activation ranges from the calibration ``minmax`` (default; as good as the histogram
             methods on Lite0 and much faster), ``percentile`` (99.999%) or ``entropy`` (KL).
@@ -172,7 +172,7 @@ def calibration_batches(
     if not out:
         raise ValueError(
             f"calibration gave no batches; quantize_int8 needs at least one {rules.expected()}, "
-            "normalised as for the float model (e.g. 16 batches of 8 training images)"
+            "normalised as for the float model (e.g. 8 batches of 8 training images)"
         )
     return out
 
