@@ -74,28 +74,82 @@ def export_onnx(
     names = output_names(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    dims = (0, 2, 3) if dynamic else ()
     with _eval_mode(model):
         if dynamo:
             _require("onnxscript")
-            _export_dynamo(model, example, path, names, dynamic, opset)
+            _export_dynamo(model, example, path, names, dims, opset)
         else:
-            _export_legacy(model, example, path, names, dynamic, opset)
+            _export_legacy(model, example, path, names, dims, opset)
+    return path
+
+
+def export_module_onnx(
+    module: nn.Module,
+    path: str | Path,
+    example: Tensor,
+    output_names: Sequence[str],
+    *,
+    dynamic_dims: Sequence[int] = (0, 2, 3),
+    opset: int | None = None,
+    dynamo: bool = True,
+) -> Path:
+    """Export any module that maps one ``(N, C, H, W)`` tensor to a tensor or a tuple of tensors.
+
+    :func:`export_onnx` is this for an :class:`~effbackbone.model.EfficientNet`; whole task models
+    (an smp U-Net, an EfficientDet) go through here with their outputs flattened to a tuple
+    (:mod:`effbackbone.runtime` does that). The input is named ``input``.
+
+    Args:
+        module: The module, exported in eval mode (its mode is restored after).
+        path: Destination ``.onnx`` file; parent folders are created.
+        example: An example input ``(N, C, H, W)``.
+        output_names: One name per returned tensor, in order.
+        dynamic_dims: Input dims left dynamic: ``(0, 2, 3)`` = batch, height and width; ``(0,)`` =
+            batch only (models with a fixed input size, such as EfficientDet's anchors); ``()`` = none.
+        opset: ONNX opset; ``None`` uses the exporter's default.
+        dynamo: ``torch.export``-based exporter (default) or the legacy TorchScript-based one.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dims = tuple(sorted({int(d) for d in dynamic_dims}))
+    if any(d not in (0, 2, 3) for d in dims):
+        raise ValueError(f"dynamic_dims must be a subset of (0, 2, 3) (batch, height, width), got {dynamic_dims}")
+    names = list(output_names)
+    with _eval_mode(module):
+        if dynamo:
+            _require("onnxscript")
+            _export_dynamo(module, example, path, names, dims, opset)
+        else:
+            with torch.no_grad():
+                ranks = [t.dim() for t in _as_tuple(module(example))]
+            _export_legacy(module, example, path, names, dims, opset, ranks)
     return path
 
 
 def _export_dynamo(
-    model: nn.Module, example: Tensor, path: Path, names: list[str], dynamic: bool, opset: int | None
+    model: nn.Module, example: Tensor, path: Path, names: list[str], dims: tuple[int, ...], opset: int | None
 ) -> None:
     from torch.export import Dim
 
     shapes = None
-    if dynamic:
+    if dims:
         # min=2 for H/W: the exporter's size-oblivious tracing cannot prove anything for 1-pixel
         # inputs, which are useless for a stride-32 network anyway. Named dims show up in the graph.
-        shapes = ({0: Dim("batch", min=1), 2: Dim("height", min=2), 3: Dim("width", min=2)},)
+        named = {0: Dim("batch", min=1), 2: Dim("height", min=2), 3: Dim("width", min=2)}
+        shapes = ({d: named[d] for d in dims},)
     program = torch.onnx.export(
-        model, (example,), dynamo=True, dynamic_shapes=shapes, input_names=[INPUT_NAME],
-        output_names=names, opset_version=opset, verbose=False,
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=shapes,
+        input_names=[INPUT_NAME],
+        output_names=names,
+        opset_version=opset,
+        verbose=False,
     )
     if program is None:  # only the legacy exporter returns None
         raise RuntimeError("torch.onnx.export(dynamo=True) returned no ONNXProgram")
@@ -104,17 +158,32 @@ def _export_dynamo(
 
 
 def _export_legacy(
-    model: nn.Module, example: Tensor, path: Path, names: list[str], dynamic: bool, opset: int | None
+    model: nn.Module,
+    example: Tensor,
+    path: Path,
+    names: list[str],
+    dims: tuple[int, ...],
+    opset: int | None,
+    ranks: Sequence[int] | None = None,
 ) -> None:
     axes: dict[str, dict[int, str]] | None = None
-    if dynamic:
-        axes = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}}
-        axes.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names if n != LOGITS_NAME})
-        if LOGITS_NAME in names:
-            axes[LOGITS_NAME] = {0: "batch"}
+    if dims:
+        labels = {0: "batch", 2: "height", 3: "width"}
+        axes = {INPUT_NAME: {d: labels[d] for d in dims}}
+        # Outputs: the batch dim, plus the spatial dims of 4-D outputs when the input's are dynamic.
+        ranks = ranks if ranks is not None else [2 if n == LOGITS_NAME else 4 for n in names]
+        for n, rank in zip(names, ranks, strict=True):
+            axes[n] = {d: (labels[d] if d == 0 else f"{n}_{labels[d]}") for d in dims if d < rank}
     torch.onnx.export(
-        model, (example,), str(path), dynamo=False, input_names=[INPUT_NAME], output_names=names,
-        dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+        model,
+        (example,),
+        str(path),
+        dynamo=False,
+        input_names=[INPUT_NAME],
+        output_names=names,
+        dynamic_axes=axes,
+        opset_version=opset,
+        do_constant_folding=True,
     )
 
 
@@ -267,8 +336,11 @@ def check_compile(
     if diff > atol:
         raise RuntimeError(f"compiled outputs differ from eager by {diff:.3g} > atol={atol}")
     return CompileReport(
-        backend, explanation.graph_count, explanation.graph_break_count,
-        tuple(tuple(x.shape) for x in inputs), diff,
+        backend,
+        explanation.graph_count,
+        explanation.graph_break_count,
+        tuple(tuple(x.shape) for x in inputs),
+        diff,
     )
 
 
@@ -303,6 +375,10 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
+def _as_tuple(out: Tensor | Sequence[Tensor] | Any) -> tuple[Tensor, ...]:
+    return (out,) if isinstance(out, Tensor) else tuple(out)
+
+
 def _as_dict(out: Mapping[str, Tensor] | Tensor | Any) -> dict[str, Tensor]:
     if isinstance(out, Tensor):
         return {LOGITS_NAME: out}
@@ -326,6 +402,7 @@ __all__ = [
     "LOGITS_NAME",
     "CompileReport",
     "check_compile",
+    "export_module_onnx",
     "export_onnx",
     "output_names",
     "script",
