@@ -43,14 +43,14 @@ def test_imagenet_downloads_then_offline(caches: Path, server: WeightsServer, mo
     src = randomize_norms(timm.create_model("efficientnet_b0", pretrained=False))
     server.add_hf("timm/efficientnet_b0.ra_in1k", safetensors_bytes(src.state_dict()))
     use_hub(monkeypatch, server.url, caches / "hf-hub")  # offline-ok: local server
-    model = smp.Unet("effbackbone-b0", encoder_weights="imagenet", classes=2)
+    model = smp.Unet("effbackbone-b0", encoder_weights="imagenet", classes=2)  # offline-ok: local server
     reference = create_model("b0", weights=src.state_dict())
     for a, b in zip(levels(model.encoder)[1:], levels(reference), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert smp.encoders.get_preprocessing_params("effbackbone-b0")["mean"] == [0.485, 0.456, 0.406]
     server.stop()
     use_hub(monkeypatch, server.url, caches / "hf-hub", offline=True)
-    again = smp.Unet("effbackbone-b0", classes=2)  # smp's default encoder_weights="imagenet", from the cache
+    again = smp.Unet("effbackbone-b0", classes=2)  # default encoder_weights="imagenet", cached; offline-ok: local server
     torch.testing.assert_close(again.encoder.model.conv_stem.weight, reference.conv_stem.weight, rtol=0, atol=0)
 
 

@@ -376,7 +376,8 @@ def timm_b0_file(tmp_path_factory):
 @pytest.mark.usefixtures("offline")
 def test_pretrained_file_gives_timm_logits(timm_b0_file):
     src, path = timm_b0_file
-    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": path}).eval()
+    overlay = {"file": path}
+    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay=overlay).eval()  # offline-ok: local file
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max().item() == 0.0
@@ -391,7 +392,7 @@ def test_model_load_pretrained_in_chans_and_classes(timm_b0_file):
     for num_classes in (5, 0):
         model = timm.create_model(
             "effbackbone_b0",
-            pretrained=True,
+            pretrained=True,  # offline-ok: local file
             pretrained_cfg_overlay={"file": path},
             in_chans=1,
             num_classes=num_classes,
