@@ -50,7 +50,8 @@ def test_imagenet_downloads_then_offline(caches: Path, server: WeightsServer, mo
     assert smp.encoders.get_preprocessing_params("effbackbone-b0")["mean"] == [0.485, 0.456, 0.406]
     server.stop()
     use_hub(monkeypatch, server.url, caches / "hf-hub", offline=True)
-    again = smp.Unet("effbackbone-b0", classes=2)  # default encoder_weights="imagenet", cached; offline-ok: local server
+    # smp's default encoder_weights="imagenet", now from the cache:
+    again = smp.Unet("effbackbone-b0", classes=2)  # offline-ok: local server
     torch.testing.assert_close(again.encoder.model.conv_stem.weight, reference.conv_stem.weight, rtol=0, atol=0)
 
 

@@ -377,7 +377,8 @@ def timm_b0_file(tmp_path_factory):
 def test_pretrained_file_gives_timm_logits(timm_b0_file):
     src, path = timm_b0_file
     overlay = {"file": path}
-    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay=overlay).eval()  # offline-ok: local file
+    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay=overlay)  # offline-ok: file
+    model = model.eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max().item() == 0.0
