@@ -60,3 +60,26 @@ def raccoon_data() -> Path:
 def membrane_data() -> Path:
     """The ISBI 2012 membrane dataset (skips when absent)."""
     return real_dataset("isbi2012_membrane")
+
+
+@pytest.fixture
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Empty HF and torch.hub caches, no weights dir, and no connection but to 127.0.0.1 (the download tests)."""
+    from hub_server import loopback_only, use_hub
+
+    from effbackbone.hub import WEIGHTS_DIR_ENV
+
+    loopback_only(monkeypatch)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
+    use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf-hub", offline=True)
+    return tmp_path
+
+
+@pytest.fixture
+def server() -> Iterator[object]:
+    """A weights server on 127.0.0.1 (:mod:`hub_server`) for the test's duration."""
+    from hub_server import serving
+
+    with serving() as s:
+        yield s

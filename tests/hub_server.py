@@ -1,6 +1,6 @@
 """A weights server on 127.0.0.1 for the download tests: the Hugging Face Hub's resolve endpoint and plain files.
 
-``huggingface_hub.hf_hub_download`` sends ``HEAD /<org>/<repo>/resolve/<rev>/<file>`` and needs the
+huggingface_hub's file download sends ``HEAD /<org>/<repo>/resolve/<rev>/<file>`` and needs the
 ``X-Repo-Commit`` and ``ETag`` headers (``Content-Length`` gives the size it checks), then a ``GET`` of
 the same URL (huggingface_hub 1.x/2.x ``file_download.get_hf_file_metadata`` / ``http_get``). For a large
 (LFS) file the Hub's ETag is the file's SHA-256, as here. ``torch.hub.download_url_to_file`` sends one ``GET``.

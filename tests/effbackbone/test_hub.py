@@ -18,10 +18,8 @@ from hub_server import (
     WeightsServer,
     cached_files,
     hashed_name,
-    loopback_only,
     randomize_norms,
     safetensors_bytes,
-    serving,
     torch_bytes,
     use_hub,
 )
@@ -36,20 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 
-@pytest.fixture
-def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Empty HF and torch.hub caches, no weights dir, and no connection but to 127.0.0.1."""
-    loopback_only(monkeypatch)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf-hub", offline=True)
-    return tmp_path
-
-
-@pytest.fixture
-def server() -> WeightsServer:
-    with serving() as s:
-        yield s
 
 
 def timm_classifier(arch: str) -> torch.nn.Module:

@@ -13,15 +13,13 @@ from hub_server import (
     WeightsServer,
     cached_files,
     hashed_name,
-    loopback_only,
     randomize_norms,
     safetensors_bytes,
-    serving,
     torch_bytes,
     use_hub,
 )
 
-from effbackbone.hub import WEIGHTS_DIR_ENV, WeightsUnavailableError, lite_weights_path
+from effbackbone.hub import WeightsUnavailableError, lite_weights_path
 
 timm = pytest.importorskip("timm")
 effdet = pytest.importorskip("effdet")
@@ -31,19 +29,6 @@ from effbackbone.integrations.effdet import create_efficientdet  # noqa: E402
 SIZE = 128
 
 
-@pytest.fixture
-def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    loopback_only(monkeypatch)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf-hub", offline=True)
-    return tmp_path
-
-
-@pytest.fixture
-def server() -> WeightsServer:
-    with serving() as s:
-        yield s
 
 
 def run(model: torch.nn.Module, size: int = 64) -> torch.Tensor | list[torch.Tensor]:

@@ -292,7 +292,7 @@ def test_encoder_weights_path_torchvision_pth_through_unet(tmp_path: Path) -> No
 def test_imagenet_from_weights_dir_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path, _ = timm_checkpoint(tmp_path / "weights", filename="b0.safetensors")
     monkeypatch.setenv(plugin.WEIGHTS_DIR_ENV, str(path.parent))
-    # smp's default encoder_weights="imagenet" resolves to the random local file above (sockets are blocked).
+    # smp's default ("imagenet") resolves to the random local file above (sockets are blocked).
     model = smp.create_model("fpn", B0)
     reference = create_model("b0", weights=path)
     torch.testing.assert_close(model.encoder.model.conv_stem.weight, reference.conv_stem.weight, rtol=0, atol=0)
@@ -423,7 +423,7 @@ def test_every_variant_in_unet(name: str) -> None:
 # -- smp BaseModelTester checks (Unet by default, every architecture with -m slow) ---------------------------
 @pytest.fixture
 def imagenet_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Random b0 weights in a local folder, where ``encoder_weights="imagenet"`` (smp's default) finds them offline."""
+    """Random b0 weights in a local folder, where smp's default ``"imagenet"`` weights are found offline."""
     path, _ = timm_checkpoint(tmp_path / "imagenet", filename="b0.safetensors")
     monkeypatch.setenv(plugin.WEIGHTS_DIR_ENV, str(path.parent))
     return path.parent

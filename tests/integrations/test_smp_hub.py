@@ -7,29 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import WeightsServer, loopback_only, randomize_norms, safetensors_bytes, serving, use_hub
+from hub_server import WeightsServer, randomize_norms, safetensors_bytes, use_hub
 
 from effbackbone import create_model
-from effbackbone.hub import WEIGHTS_DIR_ENV, WeightsUnavailableError, lite_weights_path
+from effbackbone.hub import WeightsUnavailableError, lite_weights_path
 
 smp = pytest.importorskip("segmentation_models_pytorch")
 timm = pytest.importorskip("timm")
 plugin = importlib.import_module("effbackbone.integrations.smp")
 
 
-@pytest.fixture
-def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    loopback_only(monkeypatch)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
-    use_hub(monkeypatch, "http://127.0.0.1:9", tmp_path / "hf-hub", offline=True)
-    return tmp_path
-
-
-@pytest.fixture
-def server() -> WeightsServer:
-    with serving() as s:
-        yield s
 
 
 def levels(encoder: torch.nn.Module, size: int = 67) -> list[torch.Tensor]:
@@ -50,7 +37,7 @@ def test_imagenet_downloads_then_offline(caches: Path, server: WeightsServer, mo
     assert smp.encoders.get_preprocessing_params("effbackbone-b0")["mean"] == [0.485, 0.456, 0.406]
     server.stop()
     use_hub(monkeypatch, server.url, caches / "hf-hub", offline=True)
-    # smp's default encoder_weights="imagenet", now from the cache:
+    # smp's default weights, now from the cache (offline-ok: local server):
     again = smp.Unet("effbackbone-b0", classes=2)  # offline-ok: local server
     torch.testing.assert_close(again.encoder.model.conv_stem.weight, reference.conv_stem.weight, rtol=0, atol=0)
 

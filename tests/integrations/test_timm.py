@@ -356,7 +356,7 @@ def test_model_forward_and_backward_fx(tf_compat):
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """``pretrained=True`` below reads a local file of random weights; any network access fails the test."""
+    """Pretrained loading below reads a local file of random weights; any network access fails the test."""
     from smp_support import block_network
 
     return block_network(monkeypatch, tmp_path)
