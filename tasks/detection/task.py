@@ -29,6 +29,7 @@ from tasks.common.guards import NonFinitePolicy
 from tasks.common.schedules import LRSchedule
 from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
+from tasks.detection.coco_backends import CocoBackend, resolve_backend
 from tasks.detection.coco_eval import coco_map, to_coco_results
 from tasks.detection.transforms import letterbox_scales, letterbox_size
 
@@ -80,6 +81,8 @@ class DetectionTask(BaseTask):
             ``detector_options``); ``auto`` fits them to the training boxes when ``fit`` starts
             (:mod:`tasks.detection.anchors`) and saves them in the checkpoint. Either way the share of
             training boxes the anchors can match is reported, with a warning when it is low.
+        coco_eval_backend: The COCOeval behind ``val/AP``: ``auto`` (faster-coco-eval when installed, else
+            pycocotools; the same numbers), ``faster-coco-eval`` or ``pycocotools``.
     """
 
     monitor = "val/AP"
@@ -107,6 +110,7 @@ class DetectionTask(BaseTask):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         anchors: Literal["default", "auto"] = "default",
+        coco_eval_backend: CocoBackend = "auto",
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -119,6 +123,8 @@ class DetectionTask(BaseTask):
             raise ValueError(f"image_size must be a multiple of 128 (EfficientDet's P7 stride), got {image_size}")
         self.num_classes = num_classes
         self.image_size = image_size
+        resolve_backend(coco_eval_backend)  # an unknown name or a missing package fails here, not after an epoch
+        self.coco_eval_backend: CocoBackend = coco_eval_backend
         self.freeze_backbone = freeze_backbone
         options = {"max_detection_points": min(5000, num_anchors(image_size)), **(detector_options or {})}
         detector = create_efficientdet(
@@ -314,7 +320,8 @@ class DetectionTask(BaseTask):
                           UserWarning, stacklevel=2)
             return
         # Per-class AP too (``val/AP_<name>``, ``val/AP50_<name>``): what users read first.
-        stats = coco_map(coco_gt, results, image_ids, dict(zip(self.category_ids, self.class_names, strict=True)))
+        names = dict(zip(self.category_ids, self.class_names, strict=True))
+        stats = coco_map(coco_gt, results, image_ids, names, backend=self.coco_eval_backend)
         for name, value in stats.items():
             self.log(f"{stage}/{name}", value, prog_bar=name == "AP", sync_dist=True)
 
