@@ -42,6 +42,8 @@ SHIPPED_CONFIGS = {
     "segmentation/quickstart_unet_b0.yaml": "U-Net-B0 on synthetic shapes, generated on first use (CPU, ~1.5 min)",
     "segmentation/membrane_unet_b0.yaml": "U-Net-B0 on the ISBI 2012 EM membranes (binary, grayscale)",
     "segmentation/membrane_unet_lite0_pretrained.yaml": "U-Net-Lite0 on the membranes, from Lite0 ImageNet weights",
+    "segmentation/quickstart_bifpn_b0.yaml": "BiFPN-B0 (EfficientDet's segmentation variant) on the synthetic shapes",
+    "segmentation/membrane_bifpn_b0.yaml": "BiFPN-B0 on the ISBI 2012 EM membranes (binary, grayscale)",
     "detection/quickstart_d0.yaml": "EfficientDet-D0 on synthetic shapes, generated on first use (CPU, ~2 min)",
     "detection/raccoon_d0.yaml": "EfficientDet-D0 on the raccoon dataset (COCO format, one class), from scratch",
     "detection/raccoon_lite0_pretrained.yaml": "EfficientDet-Lite0 on raccoon, fine-tuned from Lite0 ImageNet weights",
