@@ -12,7 +12,7 @@ import copy
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -59,8 +59,9 @@ def coco_map(
     results: Sequence[Mapping[str, Any]],
     image_ids: Sequence[int] | None = None,
     class_names: Mapping[int, str] | None = None,
+    iou_type: Literal["bbox", "segm"] = "bbox",
 ) -> dict[str, float]:
-    """COCO box AP of ``results`` against ``coco_gt``.
+    """COCO box (or mask, ``iou_type="segm"``) AP of ``results`` against ``coco_gt``.
 
     Args:
         coco_gt: Ground truth (``pycocotools.coco.COCO``).
@@ -69,6 +70,7 @@ def coco_map(
             ``limit_val_batches``); default: every image of ``coco_gt``.
         class_names: ``category_id`` -> name: also return ``AP_<name>`` and ``AP50_<name>`` per category
             (NaN for a category without ground truth in the evaluated images).
+        iou_type: ``bbox`` scores the results' ``bbox``, ``segm`` their ``segmentation`` (COCO RLE).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (and the per-class values). With no results every
@@ -86,7 +88,7 @@ def coco_map(
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress and the table
         # loadRes adds keys (area, id, segmentation) to the dicts it is given: keep the caller's intact.
         coco_dt = coco_gt.loadRes(copy.deepcopy(list(results)))
-        evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        evaluator = COCOeval(coco_gt, coco_dt, iouType=iou_type)
         evaluator.params.imgIds = ids
         evaluator.evaluate()
         evaluator.accumulate()
