@@ -6,6 +6,8 @@
   pictures, tiling, prediction and ONNX export.
 - :mod:`tasks.detection`: ``DetectionTask``, ``CocoDataModule`` and their transforms, box formats, COCO
   evaluation and prediction.
+- :mod:`tasks.instance`: ``InstanceTask`` (Mask R-CNN), ``CocoInstanceDataModule`` and their mask formats, box
+  and mask AP, and prediction; built on the detection package's reading, categories and evaluation.
 - :mod:`tasks.cli` (the ``effbackbone`` command), :mod:`tasks.quickstart`, :mod:`tasks.export`.
 
 ``tasks`` imports ``effbackbone``, never the reverse. Classes are imported lazily, so ``import tasks``
@@ -27,6 +29,7 @@ from tasks._lazy import lazy_getattr
 _LAZY = {
     "SegmentationTask": "tasks.segmentation.task",
     "DetectionTask": "tasks.detection.task",
+    "InstanceTask": "tasks.instance.task",
 }
 # Old module path -> where its contents live now.
 MOVED_MODULES = {

@@ -31,7 +31,7 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export}
   fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
   validate    evaluate:  effbackbone validate --config <yaml> --ckpt_path <ckpt>
   test        evaluate on the test split
-  predict     a folder of images -> masks or boxes, and pictures, in <run>/predictions:
+  predict     a folder of images -> masks, boxes or instances, and pictures, in <run>/predictions:
               effbackbone predict --config <yaml> --ckpt_path <ckpt> [--data.init_args.predict_dir <dir>]
   export      a checkpoint to ONNX (any batch, height and width): effbackbone export --ckpt <ckpt> --output model.onnx
 Run 'effbackbone <command> --help' for a command's options (fit --help starts with the tasks and shipped configs)."""

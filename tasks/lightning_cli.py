@@ -1,7 +1,7 @@
 """The LightningCLI behind ``effbackbone fit|validate|test|predict`` (the command itself: :mod:`tasks.cli`).
 
 ``model.class_path`` and ``data.class_path`` in the YAML choose the task (``tasks.segmentation.SegmentationTask``
-+ ``tasks.segmentation.MaskDataModule``, or the detection pair). Properties of the data that the model must
++ ``tasks.segmentation.MaskDataModule``, or the detection or instance pair). Properties of the data that the model must
 agree with (``num_classes``, ``in_channels``, ``image_size``, ...) are set on the data only and linked into
 the model when both classes have them; links whose source or target a class lacks are skipped.
 
@@ -47,6 +47,7 @@ SHIPPED_CONFIGS = {
     "detection/quickstart_d0.yaml": "EfficientDet-D0 on synthetic shapes, generated on first use (CPU, ~2 min)",
     "detection/raccoon_d0.yaml": "EfficientDet-D0 on the raccoon dataset (COCO format, one class), from scratch",
     "detection/raccoon_lite0_pretrained.yaml": "EfficientDet-Lite0 on raccoon, fine-tuned from Lite0 ImageNet weights",
+    "instance/quickstart_maskrcnn_b0.yaml": "Mask R-CNN on B0 + FPN, synthetic shapes with masks, generated on 1st use",
 }
 _WHAT = {
     "fit": "Train a task",
@@ -69,11 +70,14 @@ Tasks (model.class_path) and their data modules (data.class_path):
                 (folders of images and PNG masks; docs/segmentation.md)
   detection     tasks.detection.DetectionTask + tasks.detection.CocoDataModule
                 (COCO json + images; docs/detection.md)
+  instance      tasks.instance.InstanceTask + tasks.instance.CocoInstanceDataModule
+                (COCO json with polygon/RLE masks + images; docs/instance.md)
 
 The options of one class, with their defaults:
   effbackbone {subcommand} --model.help tasks.segmentation.SegmentationTask
   effbackbone {subcommand} --data.help tasks.segmentation.MaskDataModule
-  (and tasks.detection.DetectionTask, tasks.detection.CocoDataModule)
+  (and tasks.detection.DetectionTask, tasks.detection.CocoDataModule, tasks.instance.InstanceTask,
+  tasks.instance.CocoInstanceDataModule)
 Print a config with every default filled in: effbackbone {subcommand} --config <yaml> --print_config
 
 Shipped configs:

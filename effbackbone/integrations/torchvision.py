@@ -5,8 +5,8 @@
 maps keyed ``"0"``, ``"1"``, ... (shallowest first) plus the extra levels (``"pool"`` for
 ``LastLevelMaxPool``, ``"p6"``, ``"p7"`` for ``LastLevelP6P7``) -- the same keys as torchvision's
 ``resnet_fpn_backbone``, so default anchor generators and RoI poolers apply when the level count
-matches. :func:`retinanet_effbackbone`, :func:`fasterrcnn_effbackbone` and :func:`fcos_effbackbone`
-build the three detectors with the level layout of their papers.
+matches. :func:`retinanet_effbackbone`, :func:`fasterrcnn_effbackbone`, :func:`fcos_effbackbone` and
+:func:`maskrcnn_effbackbone` build the four detectors with the level layout of their papers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection import FCOS, FasterRCNN, MaskRCNN, RetinaNet
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops.feature_pyramid_network import (
     ExtraFPNBlock,
     FeaturePyramidNetwork,
@@ -122,6 +124,30 @@ def fasterrcnn_effbackbone(
     return FasterRCNN(backbone, num_classes, **kwargs)
 
 
+def maskrcnn_effbackbone(
+    name: str = "b0", num_classes: int = 91, *, weights: Weights = None, out_channels: int = 256,
+    trainable_levels: int = 5, box_head_width: int = 1024, mask_head_width: int = 256,
+    backbone_options: Mapping[str, Any] | None = None, **kwargs: Any,
+) -> MaskRCNN:
+    """Mask R-CNN on P2-P6, the FPN layout of :func:`fasterrcnn_effbackbone`; ``kwargs`` go to ``MaskRCNN``.
+
+    ``num_classes`` counts the background, as torchvision's. The box head is two fully connected layers of
+    ``box_head_width`` on 7x7 RoIs, the mask head four 3x3 convolutions and a 2x deconvolution of
+    ``mask_head_width`` on 14x14 RoIs: the Mask R-CNN paper's FPN head (He et al., ICCV 2017, Fig. 4) at 1024
+    and 256, torchvision's defaults. Narrower heads suit small data and CPU runs. Parts given in ``kwargs``
+    (``box_head``, ``box_predictor``, ``mask_head``, ``mask_predictor``) replace the ones built here (a
+    head of another width needs its predictor too).
+    """
+    backbone = efficientnet_fpn_backbone(name, (1, 2, 3, 4), out_channels, "maxpool", weights, trainable_levels,
+                                         **(backbone_options or {}))
+    # Each part not given is built here, so the predictors carry num_classes (torchvision refuses both).
+    kwargs.setdefault("box_head", TwoMLPHead(out_channels * 7 * 7, box_head_width))  # the box RoI pool is 7x7
+    kwargs.setdefault("box_predictor", FastRCNNPredictor(box_head_width, num_classes))
+    kwargs.setdefault("mask_head", MaskRCNNHeads(out_channels, (mask_head_width,) * 4, 1))
+    kwargs.setdefault("mask_predictor", MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes))
+    return MaskRCNN(backbone, None, **kwargs)
+
+
 def _extra_block(extra: ExtraFPNBlock | Extra | None, last_channels: int, out_channels: int) -> ExtraFPNBlock | None:
     if extra is None or extra == "maxpool":
         return LastLevelMaxPool()
@@ -142,5 +168,6 @@ __all__ = [
     "efficientnet_fpn_backbone",
     "fasterrcnn_effbackbone",
     "fcos_effbackbone",
+    "maskrcnn_effbackbone",
     "retinanet_effbackbone",
 ]

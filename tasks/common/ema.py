@@ -6,7 +6,7 @@ EfficientNet (Tan & Le, 2019, §5) and EfficientDet (Tan et al., 2020, §5.1) ev
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 import torch
 from torch import Tensor, nn
@@ -42,3 +42,24 @@ def check_ema_decay(decay: float | None) -> None:
     """Raise ``ValueError`` unless ``decay`` is ``None`` or in (0, 1)."""
     if decay is not None and not 0.0 < decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1) or None, got {decay}")
+
+
+def match_ema_state(state: MutableMapping[str, Tensor], ema_enabled: bool, network_prefix: str) -> None:
+    """Fit a checkpoint's ``state_dict`` in place to whether the task loading it keeps an EMA.
+
+    A checkpoint trained with EMA loads into a task without it (its ``ema.*`` weights are dropped: the raw
+    weights are evaluated), and one trained without EMA into a task with it (the EMA starts from the raw weights).
+
+    Args:
+        state: The checkpoint's ``state_dict``.
+        ema_enabled: The loading task has an ``ema`` submodule.
+        network_prefix: The state-dict prefix of the averaged network (``"detector."``, ``"model."``).
+    """
+    has_ema = any(k.startswith("ema.") for k in state)
+    if not ema_enabled and has_ema:
+        for key in [k for k in state if k.startswith("ema.")]:
+            del state[key]
+    elif ema_enabled and not has_ema:
+        for key in [k for k in state if k.startswith(network_prefix)]:
+            state["ema.module." + key.removeprefix(network_prefix)] = state[key].clone()
+        state["ema.n_averaged"] = torch.tensor(0, dtype=torch.long)

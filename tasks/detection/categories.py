@@ -65,4 +65,20 @@ class CategoryMap:
         return self.category_ids[int(label)]
 
 
-__all__ = ["PLACEHOLDER_NAMES", "CategoryMap"]
+def checked_category_map(datamodule: object, num_classes: int) -> CategoryMap | None:
+    """The ``category_map`` of a task's data module, checked against the model's ``num_classes``.
+
+    Returns ``None`` when the data module has none (a task then keeps the ids 1..K it was built with).
+    """
+    cmap = getattr(datamodule, "category_map", None)
+    if cmap is None:
+        return None
+    if len(cmap) != num_classes:
+        raise ValueError(
+            f"the data has {len(cmap)} categories {list(cmap.category_ids)} but model.num_classes={num_classes}; "
+            f"set model.init_args.num_classes={len(cmap)}"
+        )
+    return cmap
+
+
+__all__ = ["PLACEHOLDER_NAMES", "CategoryMap", "checked_category_map"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -60,8 +60,9 @@ def coco_map(
     image_ids: Sequence[int] | None = None,
     class_names: Mapping[int, str] | None = None,
     backend: CocoBackend = "auto",
+    iou_type: Literal["bbox", "segm"] = "bbox",
 ) -> dict[str, float]:
-    """COCO box AP of ``results`` against ``coco_gt``.
+    """COCO box (or mask, ``iou_type="segm"``) AP of ``results`` against ``coco_gt``.
 
     Args:
         coco_gt: Ground truth (``pycocotools.coco.COCO``).
@@ -72,6 +73,7 @@ def coco_map(
             (NaN for a category without ground truth in the evaluated images).
         backend: ``auto`` (faster-coco-eval when installed, else pycocotools), ``faster-coco-eval`` or
             ``pycocotools``.
+        iou_type: ``bbox`` scores the results' ``bbox``, ``segm`` their ``segmentation`` (COCO RLE).
 
     Returns:
         ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` (and the per-class values). With no results every
@@ -86,7 +88,7 @@ def coco_map(
         per_class = {f"{m}_{str(n).replace('/', '_')}": 0.0 if c in present else math.nan
                      for c, n in (class_names or {}).items() for m in ("AP", "AP50")}  # fmt: skip
         return {**dict.fromkeys(COCO_METRICS, 0.0), **per_class}
-    evaluator = run_cocoeval(coco_gt, results, ids, "bbox", backend)
+    evaluator = run_cocoeval(coco_gt, results, ids, iou_type, backend)
     stats = {name: float(v) for name, v in zip(COCO_METRICS, evaluator.stats[:6], strict=True)}
     return {**stats, **(per_class_ap(evaluator, class_names) if class_names else {})}
 

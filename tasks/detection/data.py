@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import albumentations as A
 import lightning as L
@@ -256,6 +256,14 @@ class CocoDataModule(L.LightningDataModule):
             them) instead of stopping.
     """
 
+    #: ``image_size`` must be a multiple of this (the model's coarsest stride), for :attr:`size_reason`.
+    size_multiple: ClassVar[int] = 128
+    size_reason: ClassVar[str] = "EfficientDet's P7 stride"
+    #: The dataset of one split and the collate function of its batches (a sibling task's data module
+    #: replaces them: :class:`tasks.instance.data.CocoInstanceDataModule`).
+    dataset_class: ClassVar[type[CocoDetection]] = CocoDetection
+    collate = staticmethod(collate_detection)
+
     def __init__(
         self, root: str = "data/coco", image_size: int = 512, batch_size: int = 8, num_workers: int = 0,
         train_split: str = "train", val_split: str = "val", test_split: str | None = None,
@@ -264,8 +272,9 @@ class CocoDataModule(L.LightningDataModule):
         skip_unreadable: bool = False,
     ) -> None:
         super().__init__()
-        if image_size % 128:
-            raise ValueError(f"image_size must be a multiple of 128 (EfficientDet's P7 stride), got {image_size}")
+        if image_size % self.size_multiple:
+            raise ValueError(f"image_size must be a multiple of {self.size_multiple} ({self.size_reason}), got "
+                             f"{image_size}")  # fmt: skip
         self.root = Path(root)
         self.image_size = image_size
         self.batch_size = batch_size
@@ -287,8 +296,7 @@ class CocoDataModule(L.LightningDataModule):
     def category_map(self) -> CategoryMap:
         """Label <-> category id map, from the training json (or the val json when there is no train json)."""
         if self._category_map is None:
-            if self.synthetic is not None:
-                ensure_synthetic_coco(self.root, self.synthetic)
+            self.ensure_synthetic()
             path = self.annotation_file(self.splits["train"])
             if not path.is_file():
                 path = self.annotation_file(self.splits["val"])
@@ -305,17 +313,21 @@ class CocoDataModule(L.LightningDataModule):
             return self.synthetic.num_classes  # known without generating anything
         return len(self.category_map)
 
-    def prepare_data(self) -> None:
-        """Generate the synthetic dataset once (on local rank 0) when configured and absent."""
+    def ensure_synthetic(self) -> None:
+        """Generate the ``synthetic`` dataset into ``root`` when configured and absent."""
         if self.synthetic is not None:
             ensure_synthetic_coco(self.root, self.synthetic)
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic dataset once (on local rank 0) when configured and absent."""
+        self.ensure_synthetic()
 
     def _dataset(self, split_key: str, split: str | None = None) -> CocoDetection:
         split = split or self.splits[split_key]
         transforms = build_det_transforms("train" if split_key == "train" else "val", self.image_size, self.augment)
         image_dir = self.root / self.image_dir.format(split=split)
-        return CocoDetection(self.annotation_file(split), image_dir, transforms, self.image_size, self.category_map,
-                             self.check_images, self.skip_unreadable)  # fmt: skip
+        return self.dataset_class(self.annotation_file(split), image_dir, transforms, self.image_size,
+                                  self.category_map, self.check_images, self.skip_unreadable)  # fmt: skip
 
     def setup(self, stage: str) -> None:
         """Build the datasets ``stage`` needs (each checked first, see ``check_images``)."""
@@ -353,7 +365,7 @@ class CocoDataModule(L.LightningDataModule):
         return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
     def _loader(self, key: str, shuffle: bool = False) -> DataLoader[dict[str, Any]]:
-        return make_loader(self.datasets[key], self.batch_size, collate_detection, self.num_workers, train=shuffle)
+        return make_loader(self.datasets[key], self.batch_size, self.collate, self.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled, augmented training batches."""

@@ -67,21 +67,24 @@ def _contrast(colour: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def draw_detections(
-    image_path: str | Path,
+    image_path: str | Path | Image.Image,
     detection: dict[str, Any],
     class_names: Sequence[str],
     score_threshold: float = 0.3,
     nms_iou: float = DRAW_NMS_IOU,
     min_side: int = 320,
 ) -> Image.Image:
-    """The image at ``image_path`` (as RGB) with its detections drawn, and a legend strip below it.
+    """The image at ``image_path`` (or that image, as RGB) with its detections drawn, and a legend strip below it.
 
     Drawn: the detections of :func:`boxes_to_draw`, each a box in its class colour with a black outer
     line and a ``name score`` label; line width and text size follow the image size. Images whose
     longer side is under ``min_side`` are enlarged by an integer factor first, so labels stay readable.
     The legend names the classes drawn, the threshold and how many of the detections are shown.
     """
-    image = Image.fromarray(load_rgb(Path(image_path)))
+    if isinstance(image_path, Image.Image):
+        image = image_path.convert("RGB")
+    else:
+        image = Image.fromarray(load_rgb(Path(image_path)))
     factor = max(1, -(-min_side // max(image.size)))
     if factor > 1:
         image = image.resize((image.width * factor, image.height * factor), Image.Resampling.BICUBIC)

@@ -25,10 +25,12 @@ from effbackbone.integrations.effdet import create_efficientdet
 from effbackbone.integrations.effdet_inference import FastDetBenchPredict
 from tasks.common.base import BaseTask
 from tasks.common.distributed import gather_per_image
+from tasks.common.ema import match_ema_state
 from tasks.common.guards import NonFinitePolicy
 from tasks.common.schedules import LRSchedule
 from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
+from tasks.detection.categories import checked_category_map
 from tasks.detection.coco_backends import CocoBackend, resolve_backend
 from tasks.detection.coco_eval import coco_map, to_coco_results
 from tasks.detection.transforms import letterbox_scales, letterbox_size
@@ -218,12 +220,9 @@ class DetectionTask(BaseTask):
         size = getattr(dm, "image_size", self.image_size)
         if size != self.image_size:
             raise ValueError(f"data.image_size={size} but model.image_size={self.image_size}; set both to one value")
-        cmap = getattr(dm, "category_map", None)
+        cmap = checked_category_map(dm, self.num_classes)
         if cmap is None:
             return
-        if len(cmap) != self.num_classes:
-            raise ValueError(f"the data has {len(cmap)} categories {list(cmap.category_ids)} but model.num_classes="
-                             f"{self.num_classes}; set model.init_args.num_classes={len(cmap)}")
         self.category_ids, self.class_names = tuple(cmap.category_ids), tuple(cmap.names)
         if stage == "fit" and hasattr(dm, "training_boxes_xyxy"):
             self._fit_anchors(dm.training_boxes_xyxy())
@@ -377,17 +376,8 @@ class DetectionTask(BaseTask):
             self.category_ids, self.class_names = tuple(cats["category_ids"]), tuple(cats["names"])
         if checkpoint.get("detection_anchors"):
             self.apply_anchors(AnchorSpec.from_dict(checkpoint["detection_anchors"]))
-        state = checkpoint.get("state_dict")
-        if state is None:
-            return
-        has_ema = any(k.startswith("ema.") for k in state)
-        if self.ema is None and has_ema:
-            for key in [k for k in state if k.startswith("ema.")]:
-                del state[key]
-        elif self.ema is not None and not has_ema:
-            for key in [k for k in state if k.startswith("detector.")]:
-                state["ema.module." + key.removeprefix("detector.")] = state[key].clone()
-            state["ema.n_averaged"] = torch.tensor(0, dtype=torch.long)
+        if checkpoint.get("state_dict") is not None:
+            match_ema_state(checkpoint["state_dict"], self.ema is not None, "detector.")
 
 
 __all__ = ["DetectionTask", "num_anchors"]

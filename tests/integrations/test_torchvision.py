@@ -1,4 +1,4 @@
-"""torchvision detectors (RetinaNet, Faster R-CNN, FCOS) on the EfficientNet + FPN backbone."""
+"""torchvision detectors (RetinaNet, Faster R-CNN, FCOS, Mask R-CNN) on the EfficientNet + FPN backbone."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from effbackbone.integrations.torchvision import (  # noqa: E402
     efficientnet_fpn_backbone,
     fasterrcnn_effbackbone,
     fcos_effbackbone,
+    maskrcnn_effbackbone,
     retinanet_effbackbone,
 )
 
@@ -96,3 +97,36 @@ def test_detector_train_and_eval_step(kind):
         boxes = det["boxes"]
         assert boxes.ndim == 2 and boxes.shape[1] == 4 and len(det["scores"]) == len(det["labels"]) == len(boxes)
         assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 2] <= img.shape[2]).all()
+
+
+def test_maskrcnn_train_and_eval_step_with_narrow_heads():
+    model = maskrcnn_effbackbone("b0", num_classes=4, out_channels=32, box_head_width=64, mask_head_width=16,
+                                 min_size=SIZE, max_size=SIZE)  # fmt: skip
+    heads = model.roi_heads
+    assert heads.box_head.fc7.out_features == 64 and heads.mask_head[0][0].out_channels == 16
+    assert heads.box_predictor.cls_score.out_features == 4 and heads.mask_predictor.mask_fcn_logits.out_channels == 4
+    images = [torch.rand(3, SIZE, SIZE), torch.rand(3, 96, SIZE)]
+    targets = _targets()
+    for target, image in zip(targets, images, strict=True):  # a mask per box: its box filled
+        target["masks"] = torch.zeros(len(target["boxes"]), *image.shape[1:], dtype=torch.uint8)
+        for mask, (x1, y1, x2, y2) in zip(target["masks"], target["boxes"].int().tolist(), strict=True):
+            mask[y1:y2, x1:x2] = 1
+    model.train()
+    losses = model(images, targets)
+    assert "loss_mask" in losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert model.backbone.body.conv_stem.weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        dets = model(images)
+    for det, image in zip(dets, images, strict=True):
+        assert det["masks"].shape == (len(det["boxes"]), 1, *image.shape[1:])
+
+
+def test_maskrcnn_default_heads_are_torchvisions():
+    ours = maskrcnn_effbackbone("b0", num_classes=5).roi_heads
+    from torchvision.models.detection import MaskRCNN
+
+    theirs = MaskRCNN(efficientnet_fpn_backbone("b0", (1, 2, 3, 4)), num_classes=5).roi_heads
+    shapes = {k: v.shape for k, v in ours.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in theirs.state_dict().items()}
