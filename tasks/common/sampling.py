@@ -64,7 +64,14 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
 
 def reseed(dataset: Any, seed: int) -> None:  # noqa: ANN401 - any dataset
-    """Seed the albumentations pipeline(s) of ``dataset`` (attributes ``transform``/``transforms``)."""
+    """Seed the albumentations pipeline(s) of ``dataset`` (attributes ``transform``/``transforms``).
+
+    A dataset with its own ``set_random_seed`` (the mixing wrappers of :mod:`tasks.common.mixing`) is seeded
+    through it instead.
+    """
+    if callable(getattr(dataset, "set_random_seed", None)):
+        dataset.set_random_seed(seed)
+        return
     for name in ("transform", "transforms"):
         pipeline = getattr(dataset, name, None)
         if callable(getattr(pipeline, "set_random_seed", None)):

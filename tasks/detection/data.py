@@ -31,11 +31,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.images import find_images
+from tasks.common.mixing import check_probability
 from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
 from tasks.common.sampling import make_loader
 from tasks.detection.boxes import clip_xyxy, xywh_to_xyxy
 from tasks.detection.categories import CategoryMap
 from tasks.detection.io import leave_out_images, load_coco, load_rgb
+from tasks.detection.mixing import MosaicMixUpDataset
 from tasks.detection.synthetic import SyntheticCocoSpec, ensure_synthetic_coco
 from tasks.detection.transforms import build_det_transforms, letterbox_scale, letterbox_scales
 
@@ -254,6 +256,9 @@ class CocoDataModule(L.LightningDataModule):
             All bad files are listed in one error.
         skip_unreadable: Leave out missing and unreadable images and their annotations (one warning counts
             them) instead of stopping.
+        mosaic: Probability that a training sample is a 2x2 mosaic of four images (0 off;
+            :mod:`tasks.detection.mixing`, docs/training.md).
+        mixup: Probability that a training sample is blended with another (MixUp), boxes of both kept (0 off).
     """
 
     #: ``image_size`` must be a multiple of this (the model's coarsest stride), for :attr:`size_reason`.
@@ -269,8 +274,8 @@ class CocoDataModule(L.LightningDataModule):
         train_split: str = "train", val_split: str = "val", test_split: str | None = None,
         image_dir: str = "{split}/images", augment: bool = True, synthetic: SyntheticCocoSpec | None = None,
         predict_dir: str | None = None, predict_split: str | None = None, check_images: CheckMode = "full",
-        skip_unreadable: bool = False,
-    ) -> None:
+        skip_unreadable: bool = False, mosaic: float = 0.0, mixup: float = 0.0,
+    ) -> None:  # fmt: skip
         super().__init__()
         if image_size % self.size_multiple:
             raise ValueError(f"image_size must be a multiple of {self.size_multiple} ({self.size_reason}), got "
@@ -285,6 +290,7 @@ class CocoDataModule(L.LightningDataModule):
         self.synthetic = synthetic
         self.predict_dir, self.predict_split = predict_dir, predict_split
         self.check_images, self.skip_unreadable = check_images, skip_unreadable
+        self.mosaic, self.mixup = check_probability("mosaic", mosaic), check_probability("mixup", mixup)
         self.datasets: dict[str, Dataset[dict[str, Any]]] = {}
         self._category_map: CategoryMap | None = None
 
@@ -302,7 +308,7 @@ class CocoDataModule(L.LightningDataModule):
                 path = self.annotation_file(self.splits["val"])
             if not path.is_file():
                 raise FileNotFoundError(f"no {self.annotation_file(self.splits['train'])} or {path}; set `root`, or "
-                                        "`synthetic` to generate a dataset there")
+                                        "`synthetic` to generate a dataset there")  # fmt: skip
             self._category_map = CategoryMap.from_categories(json.loads(path.read_text())["categories"], path)
         return self._category_map
 
@@ -368,8 +374,11 @@ class CocoDataModule(L.LightningDataModule):
         return make_loader(self.datasets[key], self.batch_size, self.collate, self.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
-        """Shuffled, augmented training batches."""
-        return self._loader("train", shuffle=True)
+        """Shuffled, augmented training batches (with ``mosaic``/``mixup``: mixed, seeded per sample)."""
+        dataset = self.datasets["train"]
+        if self.mosaic or self.mixup:
+            dataset = MosaicMixUpDataset(dataset, self.mosaic, self.mixup)
+        return make_loader(dataset, self.batch_size, collate_detection, self.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Validation batches (letterbox only)."""

@@ -33,6 +33,7 @@ from tasks.detection.boxes import split_detections, to_effdet_targets
 from tasks.detection.categories import checked_category_map
 from tasks.detection.coco_backends import CocoBackend, resolve_backend
 from tasks.detection.coco_eval import coco_map, to_coco_results
+from tasks.detection.distill import DetectionDistillConfig, distilled_losses, teacher_of
 from tasks.detection.transforms import letterbox_scales, letterbox_size
 
 
@@ -85,6 +86,10 @@ class DetectionTask(BaseTask):
             training boxes the anchors can match is reported, with a warning when it is low.
         coco_eval_backend: The COCOeval behind ``val/AP``: ``auto`` (faster-coco-eval when installed, else
             pycocotools; the same numbers), ``faster-coco-eval`` or ``pycocotools``.
+        distill: Knowledge distillation from a frozen teacher checkpoint of this task (same classes,
+            ``image_size`` and anchors): ``{"teacher": <ckpt path>, "temperature": T, "weight": w,
+            "box_weight": b}``; the training loss becomes the hard loss plus ``w`` x (the class term + ``b`` x the
+            box term) of :mod:`tasks.detection.distill`. The teacher is loaded when the fit starts.
     """
 
     monitor = "val/AP"
@@ -113,6 +118,7 @@ class DetectionTask(BaseTask):
         encoder_lr_mult: float = 1.0,
         anchors: Literal["default", "auto"] = "default",
         coco_eval_backend: CocoBackend = "auto",
+        distill: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -151,6 +157,8 @@ class DetectionTask(BaseTask):
         self._predictor: dict[int, FastDetBenchPredict] = {}  # plain dict: not a registered submodule
         self.anchors = anchors
         self.anchor_spec: AnchorSpec | None = None  # set when fitted (or restored from a checkpoint)
+        self.distill = DetectionDistillConfig.parse(distill) if distill else None
+        self._teacher: list[DetectionTask] = []  # a list: not a submodule (not saved, not optimised)
 
     # -- model -------------------------------------------------------------------------------------
     @property
@@ -276,7 +284,7 @@ class DetectionTask(BaseTask):
         return {**target, "img_scale": batch["img_scale"], "img_size": batch["img_size"]}
 
     def _log_losses(self, out: dict[str, Tensor], stage: str, batch_size: int) -> None:
-        for key in ("loss", "class_loss", "box_loss"):
+        for key in ("loss", "class_loss", "box_loss", *(k for k in out if k.startswith("loss_kd"))):
             self.log(
                 f"{stage}/{key}", out[key], batch_size=batch_size, prog_bar=key == "loss", sync_dist=stage != "train"
             )
@@ -285,12 +293,18 @@ class DetectionTask(BaseTask):
         """The focal + box loss (effdet's) on one batch."""
 
         def compute() -> tuple[Tensor, Callable[[], str]]:
-            out = self.detector(self.prepare_images(batch["image"]), self._target(batch))
+            images, target = self.prepare_images(batch["image"]), self._target(batch)
+            out = self.detector(images, target) if self.distill is None else distilled_losses(self, images, target)
             self._log_losses(out, "train", len(batch["image"]))
             parts = out["class_loss"], out["box_loss"]
             return out["loss"], lambda: f"class_loss={parts[0].item():.4g}, box_loss={parts[1].item():.4g}"
 
         return self.guarded(compute)
+
+    def on_fit_start(self) -> None:
+        """Load the distillation teacher once the anchors are final (failing before the first step)."""
+        if self.distill is not None:
+            teacher_of(self)
 
     # -- evaluation --------------------------------------------------------------------------------
     def _eval_step(self, batch: dict[str, Any], stage: str) -> None:

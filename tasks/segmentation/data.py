@@ -21,9 +21,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from tasks.common.images import default_stats, find_images, read_image
+from tasks.common.mixing import check_probability
 from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
 from tasks.common.sampling import make_loader
 from tasks.segmentation.classes import read_classes_json, resolve_classes
+from tasks.segmentation.cutmix import CutMixDataset
 from tasks.segmentation.io import check_pair, find_pairs, read_mask
 from tasks.segmentation.synthetic import SyntheticMaskSpec, ensure_masks, holds_other_data
 from tasks.segmentation.transforms import EvalResize, build_transforms
@@ -166,6 +168,8 @@ class MaskDataModule(L.LightningDataModule):
             check (a bad file then stops the run when it is reached). All bad files are listed at once.
         skip_unreadable: Leave out the samples whose image or mask cannot be read (one warning counts
             them) instead of stopping with the list.
+        cutmix: Probability that a training sample gets a box of another pasted in, with its mask (CutMix;
+            0 off; :mod:`tasks.segmentation.cutmix`, docs/training.md).
     """
 
     def __init__(
@@ -196,6 +200,7 @@ class MaskDataModule(L.LightningDataModule):
         synthetic: SyntheticMaskSpec | None = None,
         check_images: CheckMode = "full",
         skip_unreadable: bool = False,
+        cutmix: float = 0.0,
     ) -> None:
         super().__init__()
         # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
@@ -230,6 +235,7 @@ class MaskDataModule(L.LightningDataModule):
         self.std: list[float] = list(std or default_std)
         if len(self.mean) != in_channels or len(self.std) != in_channels:
             raise ValueError(f"mean/std need {in_channels} values (in_channels), got {self.mean} / {self.std}")
+        check_probability("cutmix", cutmix)
         self.datasets: dict[str, MaskDataset] = {}
 
     def _dataset(self, pairs: Sequence[tuple[Path, Path | None]], split: str) -> MaskDataset:
@@ -316,8 +322,11 @@ class MaskDataModule(L.LightningDataModule):
         return make_loader(self.datasets[split], batch_size, collate_padded, self.hparams.num_workers, train=shuffle)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
-        """Shuffled random crops."""
-        return self._loader("train", self.hparams.batch_size, shuffle=True)
+        """Shuffled random crops (with ``cutmix``: mixed, seeded per sample)."""
+        if not self.hparams.cutmix:
+            return self._loader("train", self.hparams.batch_size, shuffle=True)
+        dataset = CutMixDataset(self.datasets["train"], self.hparams.cutmix)
+        return make_loader(dataset, self.hparams.batch_size, collate_padded, self.hparams.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Validation images (resized or at their own size)."""

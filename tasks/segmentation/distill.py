@@ -9,20 +9,19 @@ for Semantic Segmentation", pixel-wise term).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tasks.common.distill import TeacherConfig, load_frozen_teacher, ready_teacher
+
 if TYPE_CHECKING:
     from tasks.segmentation.task import SegmentationTask
 
 
-@dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(TeacherConfig):
     """The ``distill`` option of ``SegmentationTask``.
 
     Args:
@@ -30,24 +29,6 @@ class DistillConfig:
         temperature: Softening temperature T (> 0) of both the student's and the teacher's logits.
         weight: Weight of the distillation term added to the hard loss (>= 0).
     """
-
-    teacher: str
-    temperature: float = 1.0
-    weight: float = 1.0
-
-    @classmethod
-    def parse(cls, value: dict[str, Any]) -> DistillConfig:
-        """Check the keys and values of a ``distill`` dict, naming the wrong one."""
-        known = {f.name for f in fields(cls)}
-        if "teacher" not in value or set(value) - known:
-            raise ValueError(
-                f"distill={value} must have the key 'teacher' (a checkpoint path) and may have "
-                f"'temperature' and 'weight'; unknown keys: {sorted(set(value) - known)}"
-            )
-        config = cls(str(value["teacher"]), float(value.get("temperature", 1.0)), float(value.get("weight", 1.0)))
-        if config.temperature <= 0 or config.weight < 0:
-            raise ValueError(f"distill needs temperature > 0 and weight >= 0, got {config}")
-        return config
 
 
 def distillation_kl(
@@ -77,30 +58,17 @@ def distillation_kl(
 
 
 def load_teacher(config: DistillConfig, student: SegmentationTask) -> SegmentationTask:
-    """The frozen teacher: loaded weights-only on CPU, eval mode, no gradients, checked against the student.
-
-    Its starting-weights option is cleared (the checkpoint has all weights, nothing is downloaded) and its own
-    ``distill`` too (a teacher that was itself a student does not load its teacher).
-    """
+    """The frozen teacher (:func:`~tasks.common.distill.load_frozen_teacher`), checked against the student."""
     from tasks.segmentation.task import SegmentationTask
 
-    path = Path(config.teacher)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"distill teacher checkpoint {path} not found; train the teacher first "
-            "(effbackbone fit ...) and set model.init_args.distill.teacher to its .ckpt file"
-        )
-    teacher = SegmentationTask.load_from_checkpoint(
-        path, map_location="cpu", weights_only=True, encoder_weights=None, distill=None
-    )
+    teacher = load_frozen_teacher(SegmentationTask, config.teacher, encoder_weights=None)
     shape = (teacher.mode, teacher.num_classes, teacher.in_channels)
     if shape != (student.mode, student.num_classes, student.in_channels):
         raise ValueError(
-            f"teacher {path} is mode={teacher.mode}, num_classes={teacher.num_classes}, in_channels="
+            f"teacher {config.teacher} is mode={teacher.mode}, num_classes={teacher.num_classes}, in_channels="
             f"{teacher.in_channels} but the student is mode={student.mode}, num_classes="
             f"{student.num_classes}, in_channels={student.in_channels}; use a teacher of the same task"
         )
-    teacher.eval().requires_grad_(False)
     return teacher
 
 
@@ -111,6 +79,4 @@ def teacher_logits(teacher: SegmentationTask, images: Tensor, like: Tensor) -> T
     Called inside the student's step, so it runs under the same autocast (the student's precision); with a
     ``*-true`` precision the teacher's weights are cast to the student's dtype.
     """
-    if (p := next(teacher.parameters())).device != like.device or p.dtype != like.dtype:
-        teacher.to(device=like.device, dtype=like.dtype)
-    return teacher.eval()(images)
+    return ready_teacher(teacher, like)(images)
