@@ -30,6 +30,7 @@ from tasks.common.schedules import LRSchedule
 from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
 from tasks.detection.coco_eval import coco_map, to_coco_results
+from tasks.detection.sizes import loss_at_size
 from tasks.detection.transforms import letterbox_scales, letterbox_size
 
 
@@ -80,10 +81,16 @@ class DetectionTask(BaseTask):
             ``detector_options``); ``auto`` fits them to the training boxes when ``fit`` starts
             (:mod:`tasks.detection.anchors`) and saves them in the checkpoint. Either way the share of
             training boxes the anchors can match is reported, with a warning when it is low.
+        progressive: Progressive learning (EfficientNetV2): ``{num_stages: 4, image_size: [256, 512],
+            drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
+            (:mod:`tasks.common.progressive`); training sizes are multiples of 128 with anchors generated for
+            each, evaluation stays at ``image_size``. ``None`` (default): off.
     """
 
     monitor = "val/AP"
     trainable_only = True  # freeze_backbone freezes for the whole run
+    #: Input sides must be multiples of this (EfficientDet's P7 stride; progressive stage sizes too).
+    size_divisibility = 128
 
     def __init__(
         self,
@@ -107,6 +114,7 @@ class DetectionTask(BaseTask):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         anchors: Literal["default", "auto"] = "default",
+        progressive: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -143,6 +151,8 @@ class DetectionTask(BaseTask):
         self._predictor: dict[int, FastDetBenchPredict] = {}  # plain dict: not a registered submodule
         self.anchors = anchors
         self.anchor_spec: AnchorSpec | None = None  # set when fitted (or restored from a checkpoint)
+        self.progressive = self.check_progressive(progressive)
+        self._labelers: dict[Any, Any] = {}  # anchors + labeler per training size (tasks.detection.sizes)
 
     # -- model -------------------------------------------------------------------------------------
     @property
@@ -280,7 +290,11 @@ class DetectionTask(BaseTask):
         """The focal + box loss (effdet's) on one batch."""
 
         def compute() -> tuple[Tensor, Callable[[], str]]:
-            out = self.detector(self.prepare_images(batch["image"]), self._target(batch))
+            images = self.prepare_images(batch["image"])
+            if images.shape[-1] == images.shape[-2] == self.image_size:
+                out = self.detector(images, self._target(batch))
+            else:  # a progressive stage's size: anchors of that size (the bench's are for image_size)
+                out = loss_at_size(self.detector, images, self._target(batch), self._labelers)
             self._log_losses(out, "train", len(batch["image"]))
             parts = out["class_loss"], out["box_loss"]
             return out["loss"], lambda: f"class_loss={parts[0].item():.4g}, box_loss={parts[1].item():.4g}"

@@ -95,6 +95,10 @@ class SegmentationTask(BaseTask):
         distill: Knowledge distillation from a frozen teacher checkpoint of this task:
             ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
             plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
+        progressive: Progressive learning (EfficientNetV2): ``{num_stages: 4, image_size: [128, 256],
+            drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
+            (:mod:`tasks.common.progressive`): training crop size and regularisation per stage; validation keeps
+            its size. ``None`` (default): off.
     """
 
     def __init__(
@@ -129,6 +133,7 @@ class SegmentationTask(BaseTask):
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
         distill: dict[str, Any] | None = None,
+        progressive: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -153,6 +158,7 @@ class SegmentationTask(BaseTask):
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.distill = DistillConfig.parse(distill) if distill else None
         self._teacher: list[SegmentationTask] = []  # a list: not a submodule (not saved, not optimised)
+        self.progressive = self.check_progressive(progressive)
         self.model = smp.create_model(
             decoder,
             encoder_name=encoder_name(variant, phi, encoder_options),
