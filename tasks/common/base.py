@@ -24,6 +24,7 @@ from tasks.common.checks import check_channels
 from tasks.common.ema import build_ema, check_ema_decay
 from tasks.common.guards import NonFinitePolicy, check_loss, snapshot_buffers
 from tasks.common.optim import apply_lr_mult, build_param_groups
+from tasks.common.progressive import ProgressiveLearning
 from tasks.common.schedules import LRSchedule, deferred_warmup_cosine, resolve_warmup
 
 
@@ -113,6 +114,18 @@ class BaseTask(L.LightningModule):
     def encoder(self) -> nn.Module | None:
         """The pretrained-encoder part of :attr:`network` (gets ``encoder_lr_mult``); ``None``: no split."""
         return None
+
+    @staticmethod
+    def check_progressive(option: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A task's ``progressive`` option, checked now (its epochs are resolved when the fit starts)."""
+        if option is not None:
+            ProgressiveLearning.from_option(option)
+        return option
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The :class:`~tasks.common.progressive.ProgressiveLearning` callback of the ``progressive`` option."""
+        option = getattr(self, "progressive", None)
+        return [ProgressiveLearning.from_option(option)] if option else []
 
     def init_ema(self) -> None:
         """Create the EMA copy of :attr:`network` when ``ema_decay`` is set (call once the network is built).

@@ -6,6 +6,9 @@
   nor by a resumed run.
 * :class:`SeededDataset` applies the per-sample seed to the wrapped dataset's albumentations
   pipeline, in the worker that loads the sample, so the result does not depend on ``num_workers``.
+  With ``with_epoch`` the sampler also hands each sample its epoch, which the pipeline's ``set_epoch`` gets
+  first (progressive learning's per-stage pipelines, :mod:`tasks.common.progressive`): workers, persistent or
+  not, then follow the epoch without the loader being rebuilt.
 * :class:`ResumableDataLoader` counts the batches of the running epoch and is "stateful" for
   Lightning: the count goes into every checkpoint, and a mid-epoch resume skips exactly the
   samples already trained on (single process; under DDP the epoch's order restarts, see
@@ -28,17 +31,18 @@ def default_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-class EpochSampler(Sampler[tuple[int, int]]):
-    """Yields ``(index, sample_seed)``; order and seeds depend only on ``seed`` and the epoch.
+class EpochSampler(Sampler[tuple[int, ...]]):
+    """Yields ``(index, sample_seed[, epoch])``; order and seeds depend only on ``seed`` and the epoch.
 
     Args:
         length: Dataset length.
         seed: Base seed (e.g. :func:`default_seed` plus the data module's own seed).
         shuffle: Shuffle the order each epoch (else ``0..length-1``, still with per-sample seeds).
+        with_epoch: Yield ``(index, sample_seed, epoch)``.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
-        self.length, self.seed, self.shuffle = length, seed, shuffle
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True, with_epoch: bool = False) -> None:
+        self.length, self.seed, self.shuffle, self.with_epoch = length, seed, shuffle, with_epoch
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, samples to skip) from a checkpoint
 
@@ -53,14 +57,15 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return self.length
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.length, generator=g) if self.shuffle else torch.arange(self.length)
         seeds = torch.randint(0, 2**31 - 1, (self.length,), generator=g)
         start = self._resume[1] if self._resume is not None and self._resume[0] == self.epoch else 0
         self._resume = None
         for pos in range(start, self.length):
-            yield int(order[pos]), int(seeds[pos])
+            index, seed = int(order[pos]), int(seeds[pos])
+            yield (index, seed, self.epoch) if self.with_epoch else (index, seed)
 
 
 def reseed(dataset: Any, seed: int) -> None:  # noqa: ANN401 - any dataset
@@ -78,8 +83,22 @@ def reseed(dataset: Any, seed: int) -> None:  # noqa: ANN401 - any dataset
             pipeline.set_random_seed(seed)
 
 
+def set_epoch(dataset: Any, epoch: int) -> None:  # noqa: ANN401 - any dataset
+    """Tell the pipeline(s) of ``dataset`` that have a ``set_epoch`` (staged pipelines) the sample's epoch.
+
+    A wrapper (the mixing datasets of :mod:`tasks.common.mixing`) passes it on to the dataset it wraps.
+    """
+    for name in ("transform", "transforms"):
+        pipeline = getattr(dataset, name, None)
+        if callable(getattr(pipeline, "set_epoch", None)):
+            pipeline.set_epoch(epoch)
+    inner = getattr(dataset, "dataset", None)
+    if isinstance(inner, Dataset):
+        set_epoch(inner, epoch)
+
+
 class SeededDataset(Dataset[Any]):
-    """Wraps a dataset: ``(index, seed)`` items seed its augmentation first; plain ints pass through."""
+    """Wraps a dataset: ``(index, seed[, epoch])`` items set its augmentation first; plain ints pass through."""
 
     def __init__(self, dataset: Dataset[Any]) -> None:
         self.dataset = dataset
@@ -87,9 +106,11 @@ class SeededDataset(Dataset[Any]):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: int | tuple[int, int]) -> Any:  # noqa: ANN401 - the wrapped dataset's sample
+    def __getitem__(self, item: int | tuple[int, ...]) -> Any:  # noqa: ANN401 - the wrapped dataset's sample
         if isinstance(item, tuple):
-            item, seed = item
+            item, seed, *epoch = item
+            if epoch:
+                set_epoch(self.dataset, epoch[0])
             reseed(self.dataset, seed)
         return self.dataset[item]
 
@@ -169,7 +190,7 @@ def make_loader(
     common: dict[str, Any] = {"batch_size": batch_size, "num_workers": num_workers, "collate_fn": collate_fn,
                               "persistent_workers": num_workers > 0}  # fmt: skip
     if train:
-        sampler = EpochSampler(len(dataset), default_seed())  # type: ignore[arg-type]
+        sampler = EpochSampler(len(dataset), default_seed(), with_epoch=True)  # type: ignore[arg-type]
         return ResumableDataLoader(SeededDataset(dataset), sampler=sampler, drop_last=len(dataset) > batch_size,  # type: ignore[arg-type]
                                    **common)  # fmt: skip
     from tasks.common.distributed import unrepeated_eval_sampler
@@ -184,4 +205,5 @@ __all__ = [
     "default_seed",
     "make_loader",
     "reseed",
+    "set_epoch",
 ]

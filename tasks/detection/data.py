@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,6 +35,8 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.common.images import find_images
 from tasks.common.mixing import check_probability
 from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
+from tasks.common.progressive import ProgressiveSchedule, StagedTransform
+from tasks.common.randaugment import RandAugmentSpec
 from tasks.common.sampling import make_loader
 from tasks.detection.boxes import clip_xyxy, xywh_to_xyxy
 from tasks.detection.categories import CategoryMap
@@ -233,6 +237,15 @@ def collate_detection(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
+def _train_transforms(
+    image_size: int, magnitude: float | None, *, augment: bool, randaugment: RandAugmentSpec | None
+) -> A.Compose:
+    """The training pipeline at ``image_size``, RandAugment at ``magnitude`` (a progressive stage's or the data's)."""
+    if randaugment is not None and magnitude is not None:
+        randaugment = replace(randaugment, magnitude=magnitude)
+    return build_det_transforms("train", image_size, augment, randaugment)
+
+
 class CocoDataModule(L.LightningDataModule):
     """Train/val(/test/predict) COCO splits, letterboxed to ``image_size``.
 
@@ -259,6 +272,9 @@ class CocoDataModule(L.LightningDataModule):
         mosaic: Probability that a training sample is a 2x2 mosaic of four images (0 off;
             :mod:`tasks.detection.mixing`, docs/training.md).
         mixup: Probability that a training sample is blended with another (MixUp), boxes of both kept (0 off).
+        randaugment: RandAugment on the training images, ``{num_ops: 2, magnitude: 9}`` (optional ``ops``: a
+            subset of :data:`tasks.common.randaugment.OPS`); boxes follow the geometric ops, clipped, and the
+            boxes that leave the image are dropped with their labels. ``None`` (default): off.
     """
 
     #: ``image_size`` must be a multiple of this (the model's coarsest stride), for :attr:`size_reason`.
@@ -275,6 +291,7 @@ class CocoDataModule(L.LightningDataModule):
         image_dir: str = "{split}/images", augment: bool = True, synthetic: SyntheticCocoSpec | None = None,
         predict_dir: str | None = None, predict_split: str | None = None, check_images: CheckMode = "full",
         skip_unreadable: bool = False, mosaic: float = 0.0, mixup: float = 0.0,
+        randaugment: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
         if image_size % self.size_multiple:
@@ -293,6 +310,8 @@ class CocoDataModule(L.LightningDataModule):
         self.mosaic, self.mixup = check_probability("mosaic", mosaic), check_probability("mixup", mixup)
         self.datasets: dict[str, Dataset[dict[str, Any]]] = {}
         self._category_map: CategoryMap | None = None
+        self.randaugment = RandAugmentSpec.parse(randaugment)
+        self._progressive: ProgressiveSchedule | None = None
 
     def annotation_file(self, split: str) -> Path:
         """``<root>/annotations/instances_<split>.json``."""
@@ -324,13 +343,39 @@ class CocoDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             ensure_synthetic_coco(self.root, self.synthetic)
 
+    def _transforms(self, split_key: str) -> Any:  # noqa: ANN401 - an albumentations pipeline or a staged one
+        if split_key != "train":
+            return build_det_transforms("val", self.image_size)
+        build = partial(_train_transforms, augment=self.augment, randaugment=self.randaugment)
+        magnitude = self.randaugment.magnitude if self.randaugment is not None else None
+        if self._progressive is not None:
+            return StagedTransform(self._progressive, build, self.image_size, magnitude)
+        return build(self.image_size, magnitude)
+
+    def set_progressive(self, schedule: ProgressiveSchedule) -> None:
+        """Letterbox each epoch's training images to its stage's size, with its RandAugment magnitude.
+
+        Sizes must be multiples of 128 (checked when the schedule is resolved); validation and test stay at
+        ``image_size``. The detector regenerates its anchors for each training size
+        (:mod:`tasks.detection.sizes`).
+        """
+        if schedule.sets("magnitude") and self.randaugment is None:
+            raise ValueError("progressive magnitude sets RandAugment's magnitude, but RandAugment is off: set "
+                             "data.init_args.randaugment (e.g. {num_ops: 2, magnitude: 9})")  # fmt: skip
+        bad = [s.image_size for s in schedule.stages if s.image_size is not None and s.image_size % 128]
+        if bad:
+            raise ValueError(f"progressive image sizes {bad} are not multiples of 128 (EfficientDet's P7 stride)")
+        self._progressive = schedule
+        if "train" in self.datasets:
+            self.datasets["train"].transforms = self._transforms("train")  # type: ignore[attr-defined]
+
     def prepare_data(self) -> None:
         """Generate the synthetic dataset once (on local rank 0) when configured and absent."""
         self.ensure_synthetic()
 
     def _dataset(self, split_key: str, split: str | None = None) -> CocoDetection:
         split = split or self.splits[split_key]
-        transforms = build_det_transforms("train" if split_key == "train" else "val", self.image_size, self.augment)
+        transforms = self._transforms(split_key)
         image_dir = self.root / self.image_dir.format(split=split)
         return self.dataset_class(self.annotation_file(split), image_dir, transforms, self.image_size,
                                   self.category_map, self.check_images, self.skip_unreadable)  # fmt: skip

@@ -34,6 +34,7 @@ from tasks.detection.categories import checked_category_map
 from tasks.detection.coco_backends import CocoBackend, resolve_backend
 from tasks.detection.coco_eval import coco_map, to_coco_results
 from tasks.detection.distill import DetectionDistillConfig, distilled_losses, teacher_of
+from tasks.detection.sizes import loss_at_size
 from tasks.detection.transforms import letterbox_scales, letterbox_size
 
 
@@ -90,10 +91,16 @@ class DetectionTask(BaseTask):
             ``image_size`` and anchors): ``{"teacher": <ckpt path>, "temperature": T, "weight": w,
             "box_weight": b}``; the training loss becomes the hard loss plus ``w`` x (the class term + ``b`` x the
             box term) of :mod:`tasks.detection.distill`. The teacher is loaded when the fit starts.
+        progressive: Progressive learning (EfficientNetV2): ``{num_stages: 4, image_size: [256, 512],
+            drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
+            (:mod:`tasks.common.progressive`); training sizes are multiples of 128 with anchors generated for
+            each, evaluation stays at ``image_size``. ``None`` (default): off.
     """
 
     monitor = "val/AP"
     trainable_only = True  # freeze_backbone freezes for the whole run
+    #: Input sides must be multiples of this (EfficientDet's P7 stride; progressive stage sizes too).
+    size_divisibility = 128
 
     def __init__(
         self,
@@ -119,6 +126,7 @@ class DetectionTask(BaseTask):
         anchors: Literal["default", "auto"] = "default",
         coco_eval_backend: CocoBackend = "auto",
         distill: dict[str, Any] | None = None,
+        progressive: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -159,6 +167,12 @@ class DetectionTask(BaseTask):
         self.anchor_spec: AnchorSpec | None = None  # set when fitted (or restored from a checkpoint)
         self.distill = DetectionDistillConfig.parse(distill) if distill else None
         self._teacher: list[DetectionTask] = []  # a list: not a submodule (not saved, not optimised)
+        self.progressive = self.check_progressive(progressive)
+        if self.distill is not None and self.progressive is not None:
+            # The teacher's anchors and outputs are for image_size; a progressive stage trains at other sizes.
+            raise ValueError("distill and progressive cannot be combined in DetectionTask (the teacher's outputs "
+                             "are for image_size only): drop model.init_args.distill or progressive")  # fmt: skip
+        self._labelers: dict[Any, Any] = {}  # anchors + labeler per training size (tasks.detection.sizes)
 
     # -- model -------------------------------------------------------------------------------------
     @property
@@ -294,7 +308,13 @@ class DetectionTask(BaseTask):
 
         def compute() -> tuple[Tensor, Callable[[], str]]:
             images, target = self.prepare_images(batch["image"]), self._target(batch)
-            out = self.detector(images, target) if self.distill is None else distilled_losses(self, images, target)
+            if images.shape[-1] != images.shape[-2] or images.shape[-1] != self.image_size:
+                # a progressive stage's size: anchors of that size (the bench's are for image_size)
+                out = loss_at_size(self.detector, images, target, self._labelers)
+            elif self.distill is not None:
+                out = distilled_losses(self, images, target)
+            else:
+                out = self.detector(images, target)
             self._log_losses(out, "train", len(batch["image"]))
             parts = out["class_loss"], out["box_loss"]
             return out["loss"], lambda: f"class_loss={parts[0].item():.4g}, box_loss={parts[1].item():.4g}"

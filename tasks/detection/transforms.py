@@ -17,6 +17,7 @@ import cv2
 from torch import Tensor
 
 from tasks.common.images import IMAGENET_MEAN, IMAGENET_STD
+from tasks.common.randaugment import RandAugmentSpec, rand_augment
 
 # The mean as uint8: padding with it becomes 0 after normalisation.
 _PAD_FILL = tuple(round(255 * m) for m in IMAGENET_MEAN)
@@ -59,7 +60,10 @@ def _bbox_params(split: str) -> A.BboxParams:
 
 
 def build_det_transforms(
-    split: Literal["train", "val", "test", "predict"], image_size: int, augment: bool = True
+    split: Literal["train", "val", "test", "predict"],
+    image_size: int,
+    augment: bool = True,
+    randaugment: RandAugmentSpec | None = None,
 ) -> A.Compose:
     """The pipeline for ``split``: letterbox + normalise, and for ``train`` (with ``augment``) jitter.
 
@@ -68,6 +72,8 @@ def build_det_transforms(
             other splits only the letterbox.
         image_size: Square model input side in pixels (a multiple of 128 for EfficientDet P3-P7).
         augment: ``False`` gives the plain letterbox for ``train`` too (for overfitting checks).
+        randaugment: ``train`` only: RandAugment after the letterbox (:mod:`tasks.common.randaugment`): boxes
+            follow the geometric ops, clipped to the image, and those that leave it are dropped with their labels.
 
     Returns:
         A ``Compose`` called as ``t(image=hwc_uint8, bboxes=boxes_xyxy, labels=labels)``.
@@ -77,6 +83,8 @@ def build_det_transforms(
         A.PadIfNeeded(image_size, image_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=_PAD_FILL),
     ]
     jitter: list[A.BasicTransform] = []
+    if split == "train" and randaugment is not None:
+        jitter.append(rand_augment(randaugment, fill=_PAD_FILL))
     if split == "train" and augment:
         jitter = [
             A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,

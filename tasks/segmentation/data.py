@@ -8,6 +8,8 @@ PyTorch's cross-entropy default), so the model never needs to know which value a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from tasks.common.images import default_stats, find_images, read_image
 from tasks.common.mixing import check_probability
 from tasks.common.preflight import CheckMode, find_unreadable, unreadable_error, warn_skipped
+from tasks.common.progressive import ProgressiveSchedule, StagedTransform
+from tasks.common.randaugment import RandAugmentSpec
 from tasks.common.sampling import make_loader
 from tasks.segmentation.classes import read_classes_json, resolve_classes
 from tasks.segmentation.cutmix import CutMixDataset
@@ -95,7 +99,7 @@ class MaskDataset(Dataset[dict[str, Any]]):
         target = torch.from_numpy(np.array(out["mask"], copy=True)).long()
         if multilabel:
             # Any non-zero value but the ignore value marks the class present.
-            present = (target != 0).long()
+            present = (target != 0).long().masked_fill(target == IGNORE_LABEL, IGNORE_LABEL)  # shifted-in pixels
             if self.ignore_index is not None:
                 present = present.masked_fill(target == self.ignore_index, IGNORE_LABEL)
             target = present.permute(2, 0, 1)
@@ -123,6 +127,15 @@ def collate_padded(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if "mask" in samples[0]:
         batch["mask"] = torch.stack([pad(s["mask"], IGNORE_LABEL) for s in samples])
     return batch
+
+
+def _split_transforms(
+    split: str, image_size: int, magnitude: float | None, *, randaugment: RandAugmentSpec | None, **kwargs: Any
+) -> A.Compose:
+    """:func:`build_transforms` with RandAugment at ``magnitude`` (a progressive stage's, or the data's own)."""
+    if randaugment is not None and magnitude is not None:
+        randaugment = replace(randaugment, magnitude=magnitude)
+    return build_transforms(split, image_size, randaugment=randaugment, **kwargs)  # type: ignore[arg-type]
 
 
 class MaskDataModule(L.LightningDataModule):
@@ -170,6 +183,9 @@ class MaskDataModule(L.LightningDataModule):
             them) instead of stopping with the list.
         cutmix: Probability that a training sample gets a box of another pasted in, with its mask (CutMix;
             0 off; :mod:`tasks.segmentation.cutmix`, docs/training.md).
+        randaugment: RandAugment on the training crops, ``{num_ops: 2, magnitude: 9}`` (optional ``ops``: a
+            subset of :data:`tasks.common.randaugment.OPS`); geometric ops move the masks too (nearest), and
+            pixels shifted in from outside are ignored by the loss. ``None`` (default): off.
     """
 
     def __init__(
@@ -201,6 +217,7 @@ class MaskDataModule(L.LightningDataModule):
         check_images: CheckMode = "full",
         skip_unreadable: bool = False,
         cutmix: float = 0.0,
+        randaugment: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         # Resolved values (from classes.json, defaults) live in attributes and are linked into the model;
@@ -237,13 +254,35 @@ class MaskDataModule(L.LightningDataModule):
             raise ValueError(f"mean/std need {in_channels} values (in_channels), got {self.mean} / {self.std}")
         check_probability("cutmix", cutmix)
         self.datasets: dict[str, MaskDataset] = {}
+        self.randaugment = RandAugmentSpec.parse(randaugment)
+        self._progressive: ProgressiveSchedule | None = None
+
+    def _transform(self, split: str) -> Any:  # noqa: ANN401 - an albumentations pipeline or a staged one
+        hp = self.hparams
+        build = partial(
+            _split_transforms, split, randaugment=self.randaugment if split == "train" else None, fill=self.mean,
+            in_channels=self.in_channels, eval_resize=hp.eval_resize, crop_scale=tuple(hp.crop_scale),
+            vertical_flip=hp.vertical_flip, color_jitter=hp.color_jitter,
+        )  # fmt: skip
+        magnitude = self.randaugment.magnitude if self.randaugment is not None else None
+        if split == "train" and self._progressive is not None:
+            return StagedTransform(self._progressive, build, hp.image_size, magnitude)
+        return build(hp.image_size, magnitude)
+
+    def set_progressive(self, schedule: ProgressiveSchedule) -> None:
+        """Train each epoch at its stage's crop size and RandAugment magnitude (:mod:`tasks.common.progressive`).
+
+        Validation and test keep ``image_size`` / their own size (``eval_resize``).
+        """
+        if schedule.sets("magnitude") and self.randaugment is None:
+            raise ValueError("progressive magnitude sets RandAugment's magnitude, but RandAugment is off: set "
+                             "data.init_args.randaugment (e.g. {num_ops: 2, magnitude: 9})")  # fmt: skip
+        self._progressive = schedule
+        if "train" in self.datasets:
+            self.datasets["train"].transform = self._transform("train")
 
     def _dataset(self, pairs: Sequence[tuple[Path, Path | None]], split: str) -> MaskDataset:
-        hp = self.hparams
-        transform = build_transforms(
-            split, hp.image_size, in_channels=self.in_channels, eval_resize=hp.eval_resize,  # type: ignore[arg-type]
-            crop_scale=tuple(hp.crop_scale), vertical_flip=hp.vertical_flip, color_jitter=hp.color_jitter,
-        )  # fmt: skip
+        transform = self._transform(split)
         return MaskDataset(
             pairs, transform, num_classes=self.num_classes, in_channels=self.in_channels, mean=self.mean,
             std=self.std, mode=self.mode, ignore_index=self.ignore_index, class_colors=self.class_colors,

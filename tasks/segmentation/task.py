@@ -113,6 +113,10 @@ class SegmentationTask(BaseTask):
         distill: Knowledge distillation from a frozen teacher checkpoint of this task:
             ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
             plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
+        progressive: Progressive learning (EfficientNetV2): ``{num_stages: 4, image_size: [128, 256],
+            drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
+            (:mod:`tasks.common.progressive`): training crop size and regularisation per stage; validation keeps
+            its size. ``None`` (default): off.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class SegmentationTask(BaseTask):
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
         distill: dict[str, Any] | None = None,
+        progressive: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -171,6 +176,7 @@ class SegmentationTask(BaseTask):
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.distill = DistillConfig.parse(distill) if distill else None
         self._teacher: list[SegmentationTask] = []  # a list: not a submodule (not saved, not optimised)
+        self.progressive = self.check_progressive(progressive)
         self.model = build_network(
             decoder, encoder_name(variant, phi, encoder_options), encoder_weights, in_channels,
             1 if mode == "binary" else num_classes, decoder_options or {},

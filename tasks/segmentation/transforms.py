@@ -7,10 +7,13 @@ float32 in [0, 1] (any number of channels) and are normalised afterwards, in the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import albumentations as A
 import cv2
+
+from tasks.common.randaugment import RandAugmentSpec, rand_augment
 
 Split = Literal["train", "val", "test", "predict"]
 EvalResize = Literal["resize", "pad"]
@@ -25,6 +28,9 @@ def build_transforms(
     crop_scale: tuple[float, float] = (0.25, 1.0),
     vertical_flip: bool = False,
     color_jitter: float = 0.2,
+    randaugment: RandAugmentSpec | None = None,
+    fill: float | Sequence[float] = 0.0,
+    fill_mask: int = -100,
 ) -> A.Compose:
     """The augmentation pipeline of one split.
 
@@ -40,6 +46,9 @@ def build_transforms(
         crop_scale: Area range of the random crop, as a fraction of the image.
         vertical_flip: Also flip vertically (for top-down imagery, microscopy).
         color_jitter: Strength of brightness/contrast/saturation jitter (0 turns it off).
+        randaugment: RandAugment after the crop and flips (:mod:`tasks.common.randaugment`); ``None``: off.
+        fill: Image value (per channel, in [0, 1]) of pixels that RandAugment's geometric ops shift in.
+        fill_mask: Mask value of those pixels (the ignore label: the loss skips them).
 
     Returns:
         A ``Compose`` called as ``pipeline(image=..., mask=...)``.
@@ -56,6 +65,8 @@ def build_transforms(
         ]
         if vertical_flip:
             ops.append(A.VerticalFlip(p=0.5))
+        if randaugment is not None:
+            ops.append(rand_augment(randaugment, channels=in_channels, fill=fill, fill_mask=fill_mask))
         if color_jitter > 0:
             j = (1 - color_jitter, 1 + color_jitter)
             if in_channels == 3:
