@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 # Commands with their own argparse front end: command -> module with a ``main(argv)``.
-EXTRA_COMMANDS = {"quickstart": "tasks.quickstart", "export": "tasks.export"}
+EXTRA_COMMANDS = {"quickstart": "tasks.quickstart", "export": "tasks.export", "quantize": "tasks.quantize"}
 TASK_COMMANDS = (*LIGHTNING_COMMANDS, *EXTRA_COMMANDS)
-USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export} ...
+USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export,quantize} ...
   info        parameters and multiply-adds of every variant vs the paper
   quickstart  generate a small dataset, train U-Net-B0 on it (a few CPU minutes), predict, report
   fit         train:     effbackbone fit --config configs/segmentation/quickstart_unet_b0.yaml
@@ -33,7 +33,10 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export}
   test        evaluate on the test split
   predict     a folder of images -> masks, boxes or instances, and pictures, in <run>/predictions:
               effbackbone predict --config <yaml> --ckpt_path <ckpt> [--data.init_args.predict_dir <dir>]
+              (--ckpt_path model.onnx: the same outputs from a file of export or quantize, run by ONNX Runtime)
   export      a checkpoint to ONNX (any batch, height and width): effbackbone export --ckpt <ckpt> --output model.onnx
+  quantize    a checkpoint to int8 ONNX, calibrated on its training images; prints the float and int8 val metrics:
+              effbackbone quantize --config <yaml> --ckpt <ckpt> --output model_int8.onnx
 Run 'effbackbone <command> --help' for a command's options (fit --help starts with the tasks and shipped configs)."""
 
 

@@ -2,9 +2,11 @@
 
 The graph takes any batch, height and width unless ``--static`` fixes height and width. The task class
 is read from the checkpoint (``_class_path``, which LightningCLI records); each task's exporter is
-looked up in :data:`EXPORTERS` (the segmentation task's is
-:func:`~tasks.segmentation.export.export_segmentation_onnx`). Checkpoints are read weights-only, and
-only their weights and hyperparameters are used (a checkpoint without optimizer state exports too).
+looked up in :data:`EXPORTERS` (:func:`~tasks.segmentation.export.export_segmentation_onnx`,
+:func:`~tasks.detection.export.export_detection_onnx`: EfficientDet at its fixed ``image_size``). The file
+carries the metadata ``effbackbone predict --ckpt_path <file>`` needs (:mod:`tasks.common.deploy`).
+Checkpoints are read weights-only, and only their weights and hyperparameters are used (a checkpoint without
+optimizer state exports too).
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ from tasks.common.checkpoint_io import WEIGHT_SOURCES_OFF, safe_torch_load
 
 DEFAULT_CLASS = "tasks.segmentation.SegmentationTask"
 # Task class name -> "module:function" of its ONNX exporter (imported only when used).
-EXPORTERS = {"SegmentationTask": "tasks.segmentation.export:export_segmentation_onnx"}
+EXPORTERS = {
+    "SegmentationTask": "tasks.segmentation.export:export_segmentation_onnx",
+    "DetectionTask": "tasks.detection.export:export_detection_onnx",
+}
 
 
 def exporter_for(task: Any) -> Callable[..., dict[str, Any]] | None:  # noqa: ANN401 - any LightningModule
@@ -54,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="destination .onnx file")
     dynamic = "default: any batch, height and width"
     parser.add_argument("--static", action="store_true", help=f"fix height and width to --height x --width ({dynamic})")
-    parser.add_argument("--height", type=int, default=256, help="input height (of the example only, unless --static)")
-    parser.add_argument("--width", type=int, default=256, help="input width (of the example only, unless --static)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17)")
+    size = "of the example only, unless --static; default 256; detection: its image_size"
+    parser.add_argument("--height", type=int, default=None, help=f"input height ({size})")
+    parser.add_argument("--width", type=int, default=None, help=f"input width ({size})")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (segmentation; default 17)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     args = parser.parse_args(argv)
     if not Path(args.ckpt).is_file():
@@ -65,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     export = exporter_for(task)
     if export is None:
         parser.error(f"{type(task).__name__} has no ONNX exporter; it cannot be exported from the CLI")
-    info = export(task, args.output, height=args.height, width=args.width, opset=args.opset,
-                  verify=not args.no_verify, dynamic=not args.static)  # fmt: skip
+    sizes = {k: v for k, v in (("height", args.height), ("width", args.width)) if v is not None}
+    info = export(task, args.output, **sizes, opset=args.opset, verify=not args.no_verify, dynamic=not args.static)
     output = Path(args.output)
     shape = " x ".join(str(s) for s in info["input"]["shape"])
     print(f"export: {output.parent} (2 files: {output.name}, {output.name}.json); input {shape}")

@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import CSVLogger
 from tasks.common.checkpoint_io import AtomicCheckpointIO, RngState, safe_torch_load
 from tasks.common.checkpoints import ModelCheckpoint
 from tasks.common.curves import TrainingCurves
+from tasks.common.deploy import file_model_class_path, is_model_file
 from tasks.common.summary import ModelSummary
 
 # data attribute -> model init argument, linked after the data module is built.
@@ -155,10 +156,14 @@ class EffBackboneCLI(LightningCLI):
         """Refuse an unsafe ``--ckpt_path`` with a message naming it, before Lightning reads its hparams.
 
         Lightning reads it with ``weights_only=True`` too, but its error names neither the file nor the fix.
-        Model options given on the command line then override the checkpoint's hyper-parameters.
+        Model options given on the command line then override the checkpoint's hyper-parameters. An ONNX file
+        of ``export`` or ``quantize`` in its place predicts through its task's file model (:meth:`_use_model_file`).
         """
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt and is_model_file(ckpt):
+            self._use_model_file(sub, ckpt)
+            return
         if ckpt and Path(ckpt).is_file():
             safe_torch_load(ckpt)
         init_args = self.config[sub].get("model.init_args") if sub else None
@@ -171,6 +176,24 @@ class EffBackboneCLI(LightningCLI):
             (model.get("dict_kwargs") or {}).pop(name, None)
             if model.get("init_args") is not None:
                 model.init_args[name] = value
+
+    def _use_model_file(self, subcommand: str, path: str) -> None:
+        """Predict with the model file at ``path``: its task's file model replaces the config's model.
+
+        The file runs on the CPU with ONNX Runtime, so the trainer is set to one CPU device in full precision
+        (the config's accelerator, devices, strategy and precision are for the PyTorch model).
+        """
+        if subcommand != "predict":
+            raise ValueError(
+                f"{subcommand} needs a Lightning checkpoint; {path} is a model file: pass the .ckpt it was made from "
+                "(`effbackbone quantize` prints the val metrics of both), or run the file with `effbackbone predict`"
+            )
+        config = self.config[subcommand]
+        config.ckpt_path = None
+        model_class = file_model_class_path(path, (config.get("model") or {}).get("class_path"))
+        config.model = Namespace(class_path=model_class, init_args=Namespace(file=str(path)))
+        for key, value in {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"}.items():
+            config.trainer[key] = value
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` into ``self.config``.

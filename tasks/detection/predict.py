@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from torchvision.ops import batched_nms
 
 from tasks.common.checkpoint_io import WEIGHT_SOURCES_OFF
+from tasks.common.deploy import is_model_file
 from tasks.common.distributed import gather_per_image
 from tasks.common.drawing import CANVAS_RGB, LegendEntry, draw_legend, font, legend_height
 from tasks.common.writers import PredictionWriter
@@ -175,8 +176,9 @@ def predict_folder(
     """Detect objects in every image of ``input_dir`` and write the files listed in the module docstring.
 
     Args:
-        task: A ``DetectionTask`` or the path of its Lightning checkpoint (the checkpoint carries
-            the model settings and the label -> category id map).
+        task: A ``DetectionTask``, the path of its Lightning checkpoint (the checkpoint carries
+            the model settings and the label -> category id map), or an ``.onnx`` file from ``effbackbone
+            export`` or ``effbackbone quantize`` (run by ONNX Runtime on the CPU; ``device`` is then ignored).
         input_dir: Folder of images (``.jpg``, ``.png``, ...), any size; each is letterboxed.
         output_dir: Where the results go.
         batch_size: Images per forward pass.
@@ -188,7 +190,11 @@ def predict_folder(
     Returns:
         The path of ``results.json``.
     """
-    if not isinstance(task, DetectionTask):
+    if isinstance(task, (str, Path)) and is_model_file(task):
+        from tasks.detection.deploy import DetectionFileModel
+
+        task, device = DetectionFileModel(str(task)), "cpu"  # type: ignore[assignment]
+    if not isinstance(task, L.LightningModule):
         # The training-time weight paths are not needed (the checkpoint has every weight).
         task = DetectionTask.load_from_checkpoint(
             task, map_location="cpu", weights_only=True, **WEIGHT_SOURCES_OFF
@@ -232,9 +238,12 @@ class DetectionWriter(PredictionWriter):
         self._predictions = {}
         out = self.output_path(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:
-            if not isinstance(pl_module, DetectionTask):
-                raise TypeError(f"DetectionWriter needs a DetectionTask, got {type(pl_module).__name__}")
-            cats, names = pl_module.category_ids, pl_module.class_names
+            cats, names = getattr(pl_module, "category_ids", None), getattr(pl_module, "class_names", None)
+            if cats is None or names is None:  # a DetectionTask, or the file model of an exported one
+                raise TypeError(
+                    f"DetectionWriter needs a detection model (category_ids, class_names), got "
+                    f"{type(pl_module).__name__}"
+                )
             results = write_predictions(unique, out, cats, names, self.score_threshold, self.draw)
             drawn = [out / f"{Path(p['file_name']).stem}_det.png" for p in unique] if self.draw else []
             self.record([results, out / "images.json", *drawn])

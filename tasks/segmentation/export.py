@@ -57,6 +57,19 @@ def _verify(path: Path, model: nn.Module, in_channels: int, sizes: list[tuple[in
     return worst
 
 
+def _write_metadata(task: SegmentationTask, path: Path, fixed_size: tuple[int, int] | None) -> None:
+    """The ``effbackbone.*`` entries of :mod:`effbackbone.runtime` files plus the task entry, in ``path``."""
+    from effbackbone.runtime import write_metadata
+    from tasks.segmentation.deploy import task_metadata
+
+    meta = task_metadata(task)
+    # The graph pads to the network's multiple itself: any size is valid input (size_divisibility 1).
+    rules = {"channels": task.in_channels, "size_divisibility": 1, "fixed_size": fixed_size, "mean": meta["mean"],
+             "std": meta["std"]}  # fmt: skip
+    entries = {"kind": "segmentation", "variant": task.hparams.get("variant"), "input": rules, "outputs": "logits"}
+    write_metadata(path, {**entries, "task": meta})
+
+
 def export_segmentation_onnx(
     task: SegmentationTask,
     path: str | Path,
@@ -75,7 +88,9 @@ def export_segmentation_onnx(
     batch stays dynamic). Tile very large images as :mod:`tasks.segmentation.predict` does. A
     ``<path>.json`` sidecar records what a deployment needs: mean/std, class names, mode, the input
     shape, and how to turn logits into labels. With ``verify``, onnxruntime's output is compared with
-    PyTorch's at the export size and, when dynamic, at a second size of other parity.
+    PyTorch's at the export size and, when dynamic, at a second size of other parity. The file's own metadata
+    (``effbackbone.*`` entries, :mod:`tasks.segmentation.deploy`) carries the same, so ``effbackbone predict
+    --ckpt_path <file>`` runs it.
 
     Returns:
         The sidecar's content, plus ``max_abs_diff`` and ``verified_sizes`` when verified.
@@ -95,6 +110,7 @@ def export_segmentation_onnx(
             model, (example,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
             dynamic_axes={"image": axes, "logits": axes}, opset_version=opset or 17,
         )  # fmt: skip
+    _write_metadata(task, path, None if dynamic else (height, width))
     shape: list[str | int] = ["batch", task.in_channels, *(["height", "width"] if dynamic else [height, width])]
     info: dict[str, Any] = {
         "input": {"name": "image", "shape": shape, "mean": task.mean, "std": task.std,
