@@ -24,7 +24,6 @@ pytest.importorskip("onnx")
 from effbackbone.quantize import Int8Model, calibration_batches, load_int8, quantize_int8  # noqa: E402
 from effbackbone.runtime import describe_model, load_onnx_model, to_runtime  # noqa: E402
 
-RACCOON = Path(__file__).resolve().parents[2] / "../shared/data/raccoon"
 # TF EfficientNet-Lite preprocessing: (x * 255 - 127) / 128.
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
 
@@ -273,10 +272,10 @@ def _lite0_with_real_weights() -> nn.Module:
     return model.eval()
 
 
-def _raccoon_images(split: str, n: int, size: int = 224) -> torch.Tensor:
+def _raccoon_images(root: Path, split: str, n: int, size: int = 224) -> torch.Tensor:
     from PIL import Image
 
-    files = sorted((RACCOON / split / "images").glob("*.jpg"))[:n]
+    files = sorted((root / split / "images").glob("*.jpg"))[:n]
     mean, std = torch.tensor(LITE_MEAN).view(3, 1, 1), torch.tensor(LITE_STD).view(3, 1, 1)
     out = []
     for f in files:  # shorter side to size / 0.875, centre crop (the ImageNet evaluation transform)
@@ -291,24 +290,20 @@ def _raccoon_images(split: str, n: int, size: int = 224) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_lite0_real_weights_int8_agrees_on_raccoon_photos() -> None:
+def test_lite0_real_weights_int8_agrees_on_raccoon_photos(raccoon_data: Path) -> None:
     model = _lite0_with_real_weights()
-    if not (RACCOON / "val" / "images").is_dir():
-        pytest.skip("the raccoon photos (shared/data/raccoon) are not present")
-    calibration = _raccoon_images("train", 32).split(8)
-    images = _raccoon_images("val", 24)
+    root = raccoon_data
+    calibration = _raccoon_images(root, "train", 32).split(8)
+    images = _raccoon_images(root, "val", 40)
     q = quantize_int8(model, calibration, mean=LITE_MEAN, std=LITE_STD)
     with torch.no_grad():
         ref = model(images)
     out = q(images)
     top1 = ref.argmax(1)
+    agree = float((out.argmax(1) == top1).float().mean())
     in_top5 = float((out.topk(5, 1).indices == top1[:, None]).any(1).float().mean())
-    # Raccoon is no ImageNet class: most fp32 top-1s win by a hair, and a hair decides their int8
-    # top-1. Where fp32 is sure (top-1 probability over twice the second), int8 must agree.
-    p = ref.softmax(1).topk(2).values
-    sure = p[:, 0] > 2 * p[:, 1]
-    agree_sure = float((out.argmax(1) == top1)[sure].float().mean())
-    # Measured on the 40 val photos: fp32 top-1 in int8 top-5 0.975, cosine 0.979, 16 of the 17 sure
-    # ones agree; over all photos top-1 agreement is 0.75-0.80 (docs/deploy.md).
-    assert in_top5 >= 0.85 and float(F.cosine_similarity(out, ref).mean()) > 0.95
-    assert int(sure.sum()) >= 3 and agree_sure >= 0.8
+    cosine = float(F.cosine_similarity(out, ref).mean())
+    # Raccoon is no ImageNet class: most fp32 top-1s win by a hair, the hardest case for agreement.
+    # Measured on these 40 photos: agreement 0.90, top-5 hit 1.0, cosine 0.995 (without bias correction
+    # 0.75, 0.975, 0.979; docs/deploy.md).
+    assert agree >= 0.8 and in_top5 >= 0.95 and cosine > 0.99, (agree, in_top5, cosine)
