@@ -26,6 +26,7 @@ from effbackbone.integrations.effdet_inference import FastDetBenchPredict
 from tasks.common.base import BaseTask
 from tasks.common.distributed import gather_per_image
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.pruning import prune_network
 from tasks.common.schedules import LRSchedule
 from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
@@ -80,6 +81,8 @@ class DetectionTask(BaseTask):
             ``detector_options``); ``auto`` fits them to the training boxes when ``fit`` starts
             (:mod:`tasks.detection.anchors`) and saves them in the checkpoint. Either way the share of
             training boxes the anchors can match is reported, with a warning when it is low.
+        prune: Remove this fraction of every MBConv expansion of the backbone once it is built (after
+            ``backbone_weights``/``pretrained``), keeping its levels (``tasks.common.pruning``); ``None``: dense.
     """
 
     monitor = "val/AP"
@@ -107,6 +110,7 @@ class DetectionTask(BaseTask):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         anchors: Literal["default", "auto"] = "default",
+        prune: float | None = None,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -125,6 +129,7 @@ class DetectionTask(BaseTask):
             model, num_classes, backbone_weights=backbone_weights, pretrained=pretrained,
             pretrained_path=pretrained_path, image_size=image_size, **options,
         )
+        prune_network(detector.backbone, prune)  # expansion channels; the levels the BiFPN reads unchanged
         if bn_momentum is not None:
             for module in detector.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import effbackbone.integrations.smp as eb_smp
 from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.pruning import prune_network
 from tasks.common.schedules import LRSchedule
 from tasks.segmentation.classes import check_class_weights
 from tasks.segmentation.data import IGNORE_LABEL
@@ -95,6 +96,8 @@ class SegmentationTask(BaseTask):
         distill: Knowledge distillation from a frozen teacher checkpoint of this task:
             ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
             plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
+        prune: Remove this fraction of every MBConv expansion of the encoder once it is built (after
+            ``encoder_weights``), keeping its levels (``tasks.common.pruning``, docs/deploy.md); ``None``: dense.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class SegmentationTask(BaseTask):
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
         distill: dict[str, Any] | None = None,
+        prune: float | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -161,6 +165,7 @@ class SegmentationTask(BaseTask):
             classes=1 if mode == "binary" else num_classes,
             **(decoder_options or {}),
         )
+        prune_network(self.model, prune)  # encoder expansion channels; levels and decoder unchanged
         self.model = self.to_layout(self.model)
         self.init_ema()  # after the layout, which the EMA copy inherits
         # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride).
