@@ -79,7 +79,9 @@ def run_group(group: Group, args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dr.Row] = []
     if group.peer is not None:
         rows += dr.peer_rows(group.peer, group.peer_name, device)
-    rows += dr.float_rows(group.model, group.example, device, args)
+    rows += dr.float_rows(group.model, group.example, device, args, bf16=_bf16_here(group, args))
+    if device.type == "cpu" and not args.no_bf16 and not _bf16_here(group, args):
+        rows.append(dr.Row("ours fast, autocast bf16", None, error=BF16_SKIPPED))
     rows += dr.runtime_rows(group.model, group.example, group.calibration, device, args)
     rows += dr.pruned_rows(group.model, group.example, group.calibration, device, args)
     cases = []
@@ -111,6 +113,21 @@ def run_group(group: Group, args: argparse.Namespace) -> dict[str, Any]:
     return {"title": group.title, "accuracy_note": group.accuracy_note, "rows": timed, "failed": failed}
 
 
+BF16_SKIPPED = (
+    "left out: this CPU has no bf16 instructions (avx512_bf16, amx_bf16), so bf16 runs emulated, 10-20x slower "
+    "than fp32 (the classifier groups measure it); --bf16-everywhere times it here too"
+)
+
+
+def _bf16_here(group: Group, args: argparse.Namespace) -> bool:
+    """bf16 rows: always on CPUs with bf16 instructions; without them only in the (cheaper) classifier groups."""
+    if args.no_bf16:
+        return False
+    flags = ev.cpu_flags()
+    native = flags.get("avx512_bf16", False) or flags.get("amx_bf16", False)
+    return native or args.bf16_everywhere or group.name in ("lite0", "b0")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_common_args(parser)
@@ -118,6 +135,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes per model on a CPU)")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast rows")
+    parser.add_argument("--bf16-everywhere", action="store_true", help="bf16 rows in every group on any CPU")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="structured pruning ratio of the pruned rows")
     parser.add_argument("--data", type=Path, default=DATA, help="folder with raccoon/ and isbi2012_membrane/")
     parser.add_argument("--seg-ckpt", type=Path, default=None, help="trained membrane U-Net checkpoint (mIoU rows)")
@@ -135,8 +153,8 @@ def main() -> None:
     payload: dict[str, Any] = {"cpu_flags": ev.cpu_flags(), "versions": ev.versions(), "groups": {}}
     for name in names:
         print(f"\n===== {name}")
-        group = build_group(name, args)
-        payload["groups"][name] = run_group(group, args)
+        group = build_group(name, args)  # its name: the group and, for unet/det, the variant ("det-d0")
+        payload["groups"][group.name] = run_group(group, args)
         del group
         gc.collect()
     path = common.write_json("deploy" + ("-cuda" if args.device == "cuda" else ""), args, payload)

@@ -200,7 +200,8 @@ def unet_group(name: str, args: argparse.Namespace) -> dict[str, Any]:
                             classes=classes).eval()  # fmt: skip
 
     return {
-        "name": name, "title": f"U-Net-{variant.upper()} ({weights}), batch 2 at 512x512, {in_channels} channel(s)",
+        "name": f"{name}-{variant}",
+        "title": f"U-Net-{variant.upper()} ({weights}), batch 2 at 512x512, {in_channels} channel(s)",
         "model": model, "example": images[:2], "calibration": calibration, "score": score,
         "accuracy_note": f"{what} with fp32, {where}",
         "peer": peer, "peer_name": f"smp Unet tu-efficientnet_{variant} (timm encoder)",
@@ -272,7 +273,8 @@ def det_group(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
     what = "raccoon val AP (COCO, same decoding and NMS)" if task is not None else "cosine of the raw outputs"
     return {
-        "name": name, "title": f"EfficientDet-{variant.upper()} network ({weights}), batch 2 at {size}x{size}",
+        "name": f"{name}-{variant}",
+        "title": f"EfficientDet-{variant.upper()} network ({weights}), batch 2 at {size}x{size}",
         "model": model, "example": val[0]["image"], "calibration": calibration, "score": score,
         "accuracy_note": f"{what} vs fp32, {sum(len(b['image']) for b in val)} {where}, calibration on "
         f"{sum(len(c) for c in calibration)} train images",

@@ -112,13 +112,15 @@ def peer_rows(build: Callable[[], nn.Module], name: str, device: torch.device) -
     return rows
 
 
-def float_rows(model: nn.Module, example: Tensor, device: torch.device, args: argparse.Namespace) -> list[Row]:
-    """Our model: eager fp32, fast mode, compiled; bf16 (CPU) or AMP fp16/bf16 (CUDA)."""
+def float_rows(
+    model: nn.Module, example: Tensor, device: torch.device, args: argparse.Namespace, bf16: bool = True
+) -> list[Row]:
+    """Our model: eager fp32, fast mode, compiled; bf16 autocast (CPU, when ``bf16``) or AMP fp16/bf16 (CUDA)."""
     eager = copy.deepcopy(model) if device.type == "cuda" else model  # the float model stays on the CPU
     rows = [Row(EAGER, torch_fn(eager, device, False), param_mb(model))]
     fast = optimize_for_inference(model, channels_last=True)
     rows.append(Row("ours fast (BN folded, channels_last)", torch_fn(fast, device, True), param_mb(fast)))
-    amps = [torch.float16, torch.bfloat16] if device.type == "cuda" else [] if args.no_bf16 else [torch.bfloat16]
+    amps = [torch.float16, torch.bfloat16] if device.type == "cuda" else [torch.bfloat16] if bf16 else []
     for amp in amps:
         label = "autocast" if device.type == "cpu" else "AMP"
         rows.append(Row(f"ours fast, {label} {_dtype_name(amp)}", torch_fn(fast, device, True, amp), param_mb(fast)))
