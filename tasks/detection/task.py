@@ -27,6 +27,7 @@ from tasks.common.base import BaseTask
 from tasks.common.distributed import gather_per_image
 from tasks.common.ema import match_ema_state
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.pruning import prune_network
 from tasks.common.schedules import LRSchedule
 from tasks.detection.anchors import LOW_SHARE, MATCH_IOU, AnchorSpec, fit_anchors, match_share, set_anchors, spec_of
 from tasks.detection.boxes import split_detections, to_effdet_targets
@@ -95,6 +96,8 @@ class DetectionTask(BaseTask):
             drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
             (:mod:`tasks.common.progressive`); training sizes are multiples of 128 with anchors generated for
             each, evaluation stays at ``image_size``. ``None`` (default): off.
+        prune: Remove this fraction of every MBConv expansion of the backbone once it is built (after
+            ``backbone_weights``/``pretrained``), keeping its levels (``tasks.common.pruning``); ``None``: dense.
     """
 
     monitor = "val/AP"
@@ -127,6 +130,7 @@ class DetectionTask(BaseTask):
         coco_eval_backend: CocoBackend = "auto",
         distill: dict[str, Any] | None = None,
         progressive: dict[str, Any] | None = None,
+        prune: float | None = None,
     ) -> None:
         super().__init__(
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -147,6 +151,7 @@ class DetectionTask(BaseTask):
             model, num_classes, backbone_weights=backbone_weights, pretrained=pretrained,
             pretrained_path=pretrained_path, image_size=image_size, **options,
         )
+        prune_network(detector.backbone, prune)  # expansion channels; the levels the BiFPN reads unchanged
         if bn_momentum is not None:
             for module in detector.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):

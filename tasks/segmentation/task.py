@@ -20,6 +20,7 @@ from torch import Tensor, nn
 import effbackbone.integrations.smp as eb_smp
 from tasks.common.base import BaseTask
 from tasks.common.guards import NonFinitePolicy
+from tasks.common.pruning import prune_network
 from tasks.common.schedules import LRSchedule
 from tasks.segmentation.classes import check_class_weights
 from tasks.segmentation.data import IGNORE_LABEL
@@ -117,6 +118,8 @@ class SegmentationTask(BaseTask):
             drop_path_rate: [0.0, 0.2], magnitude: [5, 15]}`` or explicit ``{stages: [{epoch: 0, ...}, ...]}``
             (:mod:`tasks.common.progressive`): training crop size and regularisation per stage; validation keeps
             its size. ``None`` (default): off.
+        prune: Remove this fraction of every MBConv expansion of the encoder once it is built (after
+            ``encoder_weights``), keeping its levels (``tasks.common.pruning``, docs/deploy.md); ``None``: dense.
     """
 
     def __init__(
@@ -152,6 +155,7 @@ class SegmentationTask(BaseTask):
         ema_decay: float | None = None,
         distill: dict[str, Any] | None = None,
         progressive: dict[str, Any] | None = None,
+        prune: float | None = None,
     ) -> None:
         super().__init__(
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
@@ -181,6 +185,7 @@ class SegmentationTask(BaseTask):
             decoder, encoder_name(variant, phi, encoder_options), encoder_weights, in_channels,
             1 if mode == "binary" else num_classes, decoder_options or {},
         )  # fmt: skip
+        prune_network(self.model, prune)  # encoder expansion channels; levels and decoder unchanged
         self.model = self.to_layout(self.model)
         self.init_ema()  # after the layout, which the EMA copy inherits
         # Inputs are padded to a multiple of this (smp's own rule: the encoder's output stride; BiFPN: 2**max_level).
