@@ -250,9 +250,11 @@ def trained(tmp_path_factory):
     return SimpleNamespace(root=root, cli=cli, ckpt=root / "checkpoints" / "last.ckpt")
 
 
-def test_cli_fit_fast_dev_run(tmp_path):
+def test_cli_fit_fast_dev_run_partly_frozen_mixed_precision(tmp_path):
+    # bf16 autocast on the CPU goes through the same mixed-precision path as 16-mixed on a GPU.
     args = ["fit", "--config", CONF, "--trainer.fast_dev_run=true", f"--data.init_args.root={tmp_path / 'data'}",
-            f"--trainer.default_root_dir={tmp_path}"]  # fmt: skip
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.precision=bf16-mixed",
+            "--model.init_args.trainable_levels=2", "--model.init_args.ema_decay=null"]  # fmt: skip
     assert main(args) == 0
     assert (tmp_path / "data" / "annotations" / "instances_train.json").is_file()  # generated on first use
 
