@@ -422,8 +422,11 @@ class CocoDataModule(L.LightningDataModule):
         """Shuffled, augmented training batches (with ``mosaic``/``mixup``: mixed, seeded per sample)."""
         dataset = self.datasets["train"]
         if self.mosaic or self.mixup:
+            if self.collate is not collate_detection:  # a sibling task's samples carry more than boxes
+                raise ValueError(f"mosaic/mixup mix boxes only; {type(self).__name__} samples carry more (e.g. "
+                                 "masks): set data.init_args.mosaic and mixup to 0")  # fmt: skip
             dataset = MosaicMixUpDataset(dataset, self.mosaic, self.mixup)
-        return make_loader(dataset, self.batch_size, collate_detection, self.num_workers, train=True)
+        return make_loader(dataset, self.batch_size, self.collate, self.num_workers, train=True)
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Validation batches (letterbox only)."""
