@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from effbackbone.export import _require
 from effbackbone.runtime import OnnxModel, leaf_names, read_metadata, unflatten_outputs
 
 TASK_KEY = "task"
@@ -52,8 +53,7 @@ def read_task_entry(path: str | Path) -> dict[str, Any]:
             f"no model file at {path}; pass the .onnx file that `effbackbone export` or `effbackbone quantize` "
             "wrote, or a Lightning checkpoint (.ckpt)"
         )
-    import onnx
-
+    onnx = _require("onnx")  # names the extra to install (deploy) when it is missing
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError and friends from protobuf
@@ -100,11 +100,6 @@ class TaskModel(OnnxModel):
         super().__init__(self.path, num_threads=num_threads)
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = leaf_names(self.metadata["outputs"])
-
-    @property
-    def is_int8(self) -> bool:
-        """Whether the file is quantized (``effbackbone quantize``)."""
-        return "quantization" in self.metadata
 
     def __call__(self, x: Tensor) -> Any:  # noqa: ANN401 - the float model's kind of output
         """Run a batch ``(N, C, H, W)``; returns the float model's kind of output as CPU float tensors."""
