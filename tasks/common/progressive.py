@@ -43,9 +43,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class ProgressiveSchedule:
-    """Stages in order of their first epoch; the first starts at epoch 0."""
+    """Stages in order of their first epoch; the first starts at epoch 0.
+
+    ``keep_scale`` (segmentation): a smaller stage crops a smaller region at the data's scale instead of
+    resizing the same region to the smaller size.
+    """
 
     stages: tuple[Stage, ...]
+    keep_scale: bool = False
 
     def index_at(self, epoch: int) -> int:
         """Index of the stage that trains ``epoch`` (the last one started by then)."""
@@ -115,6 +120,8 @@ def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_mul
     * ``{stages: [{epoch: 0, image_size: 128, drop_path_rate: 0.0, magnitude: 5}, {epoch: 10, ...}, ...]}``:
       explicit stages by first epoch (the first at epoch 0, increasing); a value left out is unchanged.
 
+    Either form takes ``keep_scale: true`` (segmentation only; see :class:`ProgressiveSchedule`).
+
     Args:
         config: The block.
         max_epochs: The trainer's ``max_epochs`` (needed by the ``num_stages`` form).
@@ -123,15 +130,18 @@ def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_mul
     Raises:
         ValueError: Unknown keys, both or neither form, bad values; each message names the key and a fix.
     """
-    keys = set(config)
+    keys = set(config) - {"keep_scale"}
     allowed = {"num_stages", "stages", *STAGE_VALUES}
     if keys - allowed:
-        raise ValueError(f"unknown progressive key(s) {sorted(keys - allowed)}; valid: {sorted(allowed)}")
+        raise ValueError(f"unknown progressive key(s) {sorted(keys - allowed)}; valid: {sorted(allowed)}, keep_scale")
+    keep_scale = config.get("keep_scale", False)
+    if not isinstance(keep_scale, bool):
+        raise ValueError(f"progressive keep_scale must be true or false, got {keep_scale!r}")
     if "stages" in keys:
         if keys - {"stages"}:
             raise ValueError(f"progressive: give either 'stages' (explicit) or 'num_stages' with [first, last] "
                              f"values, not both (got {sorted(keys)})")  # fmt: skip
-        return _explicit(config["stages"], size_multiple)
+        return replace(_explicit(config["stages"], size_multiple), keep_scale=keep_scale)
     if "num_stages" not in keys:
         raise ValueError("progressive needs 'num_stages' (with [first, last] values) or a 'stages' list")
     num = config["num_stages"]
@@ -153,7 +163,7 @@ def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_mul
         stage = Stage(epoch=math.ceil(i * max_epochs / num), **values)  # type: ignore[arg-type]
         _check_stage(stage, f"stage {i}", size_multiple)
         stages.append(stage)
-    return ProgressiveSchedule(tuple(stages))
+    return ProgressiveSchedule(tuple(stages), keep_scale)
 
 
 def _explicit(rows: Any, size_multiple: int) -> ProgressiveSchedule:  # noqa: ANN401 - a YAML list
@@ -247,6 +257,8 @@ class ProgressiveLearning(L.Callback):
         dropout: ``[first, last]`` probability of the network's dropout layers.
         magnitude: ``[first, last]`` RandAugment magnitude (needs the data's ``randaugment``).
         stages: Explicit stages instead: ``[{epoch: 0, image_size: 128, ...}, ...]``.
+        keep_scale: Segmentation: smaller stages crop smaller regions at the data's scale (instead of resizing
+            the same region to the smaller size).
     """
 
     def __init__(
@@ -257,10 +269,13 @@ class ProgressiveLearning(L.Callback):
         dropout: float | list[float] | None = None,
         magnitude: float | list[float] | None = None,
         stages: list[dict[str, Any]] | None = None,
+        keep_scale: bool = False,
     ) -> None:
         given = {"num_stages": num_stages, "image_size": image_size, "drop_path_rate": drop_path_rate,
                  "dropout": dropout, "magnitude": magnitude, "stages": stages}  # fmt: skip
-        self.config = {k: v for k, v in given.items() if v is not None}
+        self.config: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if keep_scale:
+            self.config["keep_scale"] = keep_scale
         check_config(self.config)
         self.schedule: ProgressiveSchedule | None = None
         self._applied: int | None = None
@@ -268,10 +283,10 @@ class ProgressiveLearning(L.Callback):
     @classmethod
     def from_option(cls, option: Mapping[str, Any]) -> ProgressiveLearning:
         """The callback of a task's ``progressive`` option (the same keys)."""
-        unknown = set(option) - {"num_stages", "stages", *STAGE_VALUES}
+        unknown = set(option) - {"num_stages", "stages", "keep_scale", *STAGE_VALUES}
         if unknown:
             raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: num_stages, stages, "
-                             f"{', '.join(STAGE_VALUES)}")  # fmt: skip
+                             f"{', '.join(STAGE_VALUES)}, keep_scale")  # fmt: skip
         return cls(**dict(option))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -362,6 +362,9 @@ class CocoDataModule(L.LightningDataModule):
         if schedule.sets("magnitude") and self.randaugment is None:
             raise ValueError("progressive magnitude sets RandAugment's magnitude, but RandAugment is off: set "
                              "data.init_args.randaugment (e.g. {num_ops: 2, magnitude: 9})")  # fmt: skip
+        if schedule.keep_scale:
+            raise ValueError("progressive keep_scale is for segmentation crops; detection letterboxes whole images, "
+                             "so a smaller stage is a lower resolution: leave keep_scale out")  # fmt: skip
         bad = [s.image_size for s in schedule.stages if s.image_size is not None and s.image_size % 128]
         if bad:
             raise ValueError(f"progressive image sizes {bad} are not multiples of 128 (EfficientDet's P7 stride)")

@@ -130,12 +130,21 @@ def collate_padded(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _split_transforms(
-    split: str, image_size: int, magnitude: float | None, *, randaugment: RandAugmentSpec | None, **kwargs: Any
-) -> A.Compose:
-    """:func:`build_transforms` with RandAugment at ``magnitude`` (a progressive stage's, or the data's own)."""
+    split: str, image_size: int, magnitude: float | None, *, randaugment: RandAugmentSpec | None,
+    scale_from: int | None = None, crop_scale: tuple[float, float] = (0.25, 1.0), **kwargs: Any,
+) -> A.Compose:  # fmt: skip
+    """:func:`build_transforms` with RandAugment at ``magnitude`` (a progressive stage's, or the data's own).
+
+    With ``scale_from`` (the data's ``image_size``), the crop area scales with ``(image_size / scale_from)^2``,
+    so that a smaller stage crops a smaller region at the same pixel scale (progressive ``keep_scale``).
+    """
     if randaugment is not None and magnitude is not None:
         randaugment = replace(randaugment, magnitude=magnitude)
-    return build_transforms(split, image_size, randaugment=randaugment, **kwargs)  # type: ignore[arg-type]
+    if scale_from is not None:
+        area = (image_size / scale_from) ** 2
+        crop_scale = (min(1.0, crop_scale[0] * area), min(1.0, crop_scale[1] * area))
+    return build_transforms(split, image_size, randaugment=randaugment, crop_scale=crop_scale,
+                            **kwargs)  # type: ignore[arg-type]  # fmt: skip
 
 
 class MaskDataModule(L.LightningDataModule):
@@ -266,12 +275,16 @@ class MaskDataModule(L.LightningDataModule):
         )  # fmt: skip
         magnitude = self.randaugment.magnitude if self.randaugment is not None else None
         if split == "train" and self._progressive is not None:
+            if self._progressive.keep_scale:
+                build = partial(build, scale_from=hp.image_size)
             return StagedTransform(self._progressive, build, hp.image_size, magnitude)
         return build(hp.image_size, magnitude)
 
     def set_progressive(self, schedule: ProgressiveSchedule) -> None:
         """Train each epoch at its stage's crop size and RandAugment magnitude (:mod:`tasks.common.progressive`).
 
+        The stage's crop covers the same share of the image resized to the stage's size, or with the schedule's
+        ``keep_scale`` a smaller share at the data's pixel scale (``crop_scale`` x ``(size / image_size)^2``).
         Validation and test keep ``image_size`` / their own size (``eval_resize``).
         """
         if schedule.sets("magnitude") and self.randaugment is None:

@@ -105,6 +105,21 @@ def test_staged_pipelines_follow_the_epoch_in_persistent_workers(seg_data):
         MaskDataModule(str(seg_data), image_size=32).set_progressive(resolve_schedule({"stages": STAGES}, None, 32))
 
 
+def test_keep_scale_crops_smaller_regions_at_the_data_scale(seg_data):
+    data = MaskDataModule(str(seg_data), image_size=64, crop_scale=(0.2, 0.4))
+    data.setup("fit")
+    config = {"num_stages": 2, "image_size": [32, 64]}
+    for keep_scale, first_scale in ((False, (0.2, 0.4)), (True, (0.05, 0.1))):  # area x (32 / 64)^2
+        data.set_progressive(resolve_schedule({**config, "keep_scale": keep_scale}, max_epochs=2, size_multiple=32))
+        transform = data.datasets["train"].transform
+        for epoch, (scale, size) in enumerate([(first_scale, 32), ((0.2, 0.4), 64)]):
+            transform.set_epoch(epoch)
+            crop = transform.pipeline.transforms[0]
+            assert crop.scale == pytest.approx(scale) and crop.size == (size, size)
+    with pytest.raises(ValueError, match="keep_scale must be true or false"):
+        resolve_schedule({**config, "keep_scale": "yes"}, max_epochs=2, size_multiple=32)
+
+
 class _Record(L.Callback):
     """Per epoch: input side, encoder drop-path rates, the data pipeline's stage, optimizer identity and steps."""
 

@@ -72,6 +72,15 @@ def test_detection_cli_fast_dev_run_with_progressive_and_randaugment(tmp_path):
         assert math.isfinite(float(cli.trainer.callback_metrics[key])), key
 
 
+def test_keep_scale_is_refused_for_detection(tmp_path):
+    from tasks.common.progressive import resolve_schedule
+    from tasks.detection.data import CocoDataModule
+
+    schedule = resolve_schedule({"num_stages": 2, "image_size": [128, 256], "keep_scale": True}, 2, 128)
+    with pytest.raises(ValueError, match="keep_scale is for segmentation crops"):
+        CocoDataModule(str(tmp_path), image_size=256).set_progressive(schedule)
+
+
 class _Sizes(L.Callback):
     def __init__(self) -> None:
         self.seen: dict[int, tuple[int, float]] = {}
