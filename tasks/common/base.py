@@ -1,10 +1,11 @@
 """``BaseTask``: what every task shares, written once.
 
 The optimizer and scheduler set-up (no weight decay on norms and biases, an encoder lr multiplier, warmup then
-cosine decay by default), the EMA of the weights, the non-finite-loss guard, the channels_last layout of weights
-and images, and the input-channel check. A task subclass builds its network in ``__init__``, names it in
-:attr:`network` and :attr:`encoder`, calls :meth:`init_ema` once it is built, evaluates with
-:meth:`eval_network`, and writes its own steps around :meth:`guarded` and :meth:`prepare_images`.
+cosine decay by default), the EMA of the weights, batch renormalization, the non-finite-loss guard, the
+channels_last layout of weights and images, and the input-channel check. A task subclass builds its network in
+``__init__``, names it in :attr:`network` and :attr:`encoder`, calls :meth:`init_ema` once it is built (which also
+applies ``batch_renorm``), evaluates with :meth:`eval_network`, and writes its own steps around :meth:`guarded` and
+:meth:`prepare_images`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.optim.swa_utils import AveragedModel
 
+from tasks.common.batch_renorm import BatchRenorm2d, BatchRenormConfig, set_renorm_limits, use_batch_renorm
 from tasks.common.checks import check_channels
 from tasks.common.ema import build_ema, check_ema_decay
 from tasks.common.guards import NonFinitePolicy, check_loss, snapshot_buffers
@@ -48,6 +50,9 @@ class BaseTask(L.LightningModule):
             decoder/head (e.g. 0.1 for a pretrained encoder).
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and evaluate/predict with it
             (:meth:`eval_network`); ``None`` disables it.
+        batch_renorm: Train every ``BatchNorm2d`` with batch renormalization (Ioffe 2017;
+            :mod:`tasks.common.batch_renorm`): ``true``, or a dict of ``r_max``, ``d_max``, ``start_step``,
+            ``ramp_steps``. For small batches, where the evaluated model can differ wildly from the trained one.
     """
 
     #: The metric a plateau scheduler watches.
@@ -69,6 +74,7 @@ class BaseTask(L.LightningModule):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
+        batch_renorm: bool | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -88,6 +94,8 @@ class BaseTask(L.LightningModule):
         check_ema_decay(ema_decay)
         self.ema_decay = ema_decay
         self.ema: AveragedModel | None = None
+        self.batch_renorm = BatchRenormConfig.parse(batch_renorm)
+        self._renorm_layers: list[BatchRenorm2d] = []
 
     @property
     def example_input_array(self) -> Tensor | None:
@@ -132,14 +140,22 @@ class BaseTask(L.LightningModule):
         """Create the EMA copy of :attr:`network` when ``ema_decay`` is set (call once the network is built).
 
         Kept as the ``ema`` submodule, so the average is saved in checkpoints (``ema.module.*`` keys) and
-        restored with them.
+        restored with them. ``batch_renorm`` is applied first, so the copy has the same layer types (they
+        evaluate as BatchNorm either way).
         """
+        if self.batch_renorm is not None:
+            self._renorm_layers = use_batch_renorm(self.network)
         if self.ema_decay is not None:
             self.ema = build_ema(self.network, self.ema_decay)
 
     def eval_network(self) -> nn.Module:
         """The network used for validation, test and prediction: the EMA copy when enabled."""
         return self.ema.module if self.ema is not None else self.network
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
+        """Set the batch-renormalization limits of this optimizer step."""
+        if self.batch_renorm is not None:
+            set_renorm_limits(self._renorm_layers, *self.batch_renorm.limits(self.global_step))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
         """Update the EMA weights after each optimizer step."""

@@ -65,6 +65,9 @@ class DetectionTask(BaseTask):
         freeze_backbone: Train only BiFPN and heads; the encoder's BatchNorm stays in eval mode.
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and evaluate/predict
             with it; ``None`` disables it (docs/training.md).
+        batch_renorm: Train the BatchNorm layers with batch renormalization (Ioffe 2017): ``true`` or
+            ``{r_max, d_max, start_step, ramp_steps}``. For small batches (2-8 images), where the evaluated
+            model otherwise drifts far from the trained one (:mod:`tasks.common.batch_renorm`).
         bn_momentum: BatchNorm momentum (PyTorch convention) for every norm layer. The TF default
             0.01 needs thousands of steps before the eval statistics are usable; 0.1 suits short
             runs from scratch. ``None`` keeps the model's.
@@ -115,6 +118,7 @@ class DetectionTask(BaseTask):
         pretrained_path: str | None = None,
         freeze_backbone: bool = False,
         ema_decay: float | None = None,
+        batch_renorm: bool | dict[str, Any] | None = None,
         bn_momentum: float | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
@@ -136,7 +140,7 @@ class DetectionTask(BaseTask):
             in_channels=3, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
             channels_last=channels_last, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
             warmup_fraction=warmup_fraction, min_lr_factor=min_lr_factor, encoder_lr_mult=encoder_lr_mult,
-            ema_decay=ema_decay,
+            ema_decay=ema_decay, batch_renorm=batch_renorm,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if image_size % 128:

@@ -111,6 +111,9 @@ class SegmentationTask(BaseTask):
         encoder_lr_mult: Learning-rate multiplier of the encoder relative to the decoder and head.
         ema_decay: Keep an EMA of the weights with this decay (e.g. 0.999) and validate/test/predict/export
             with it; ``None`` disables it.
+        batch_renorm: Train the BatchNorm layers with batch renormalization (Ioffe 2017): ``true`` or
+            ``{r_max, d_max, start_step, ramp_steps}``. For small batches (2-8 images), where the evaluated
+            model otherwise drifts far from the trained one (:mod:`tasks.common.batch_renorm`).
         distill: Knowledge distillation from a frozen teacher checkpoint of this task:
             ``{"teacher": <ckpt path>, "temperature": T, "weight": w}``; the training loss becomes the hard loss
             plus ``w`` x the per-pixel KL of the T-softened outputs (x T^2). The teacher is loaded at fit start.
@@ -153,6 +156,7 @@ class SegmentationTask(BaseTask):
         min_lr_factor: float = 0.01,
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
+        batch_renorm: bool | dict[str, Any] | None = None,
         distill: dict[str, Any] | None = None,
         progressive: dict[str, Any] | None = None,
         prune: float | None = None,
@@ -161,7 +165,7 @@ class SegmentationTask(BaseTask):
             in_channels=in_channels, optimizer=optimizer, lr_scheduler=lr_scheduler, nonfinite_loss=nonfinite_loss,
             channels_last=channels_last, lr_schedule=lr_schedule, warmup_steps=warmup_steps,
             warmup_fraction=warmup_fraction, min_lr_factor=min_lr_factor, encoder_lr_mult=encoder_lr_mult,
-            ema_decay=ema_decay,
+            ema_decay=ema_decay, batch_renorm=batch_renorm,
         )  # fmt: skip
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         if mode == "binary" and num_classes != 2:

@@ -15,12 +15,14 @@ pytest.importorskip("effdet")
 pytest.importorskip("pycocotools")
 pytest.importorskip("jsonargparse")
 
+from coco_shapes import many_class_coco  # noqa: E402
+
 from tasks.cli import main, run_cli  # noqa: E402
 from tasks.detection import DetectionTask  # noqa: E402
 from tasks.detection.anchors import match_share  # noqa: E402
 from tasks.detection.data import CocoDataModule  # noqa: E402
 from tasks.detection.predict import predict_folder  # noqa: E402
-from tasks.detection.synthetic import SyntheticCocoSpec, generate_synthetic_coco  # noqa: E402
+from tasks.detection.synthetic import SyntheticCocoSpec  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf" / "det_d0.yaml")
 
@@ -193,31 +195,13 @@ def test_cli_model_option_overrides_the_checkpoint_ema(trained, tmp_path):
     assert ema_loss != raw_loss  # the raw weights were validated, not the EMA ones again
 
 
-def _many_class_coco(root: Path, num_train: int = 16) -> Path:
-    """80 sparse COCO ids (like COCO's 1..90), of which the generated shapes use six; crowd and empty images."""
-    generate_synthetic_coco(root, SyntheticCocoSpec(num_train=num_train, num_val=6, num_classes=6, min_size=64,
-                                                    max_size=128, empty_fraction=0.2, seed=1))  # fmt: skip
-    ids = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-    for split in ("train", "val"):
-        path = root / "annotations" / f"instances_{split}.json"
-        data = json.loads(path.read_text())
-        old = {c["id"]: k for k, c in enumerate(data["categories"])}
-        data["categories"] = [{"id": i, "name": f"c{i}"} for i in ids]
-        for a in data["annotations"]:
-            a["category_id"] = ids[old[a["category_id"]] * 13]
-        if data["annotations"]:
-            data["annotations"][0]["iscrowd"] = 1
-        path.write_text(json.dumps(data))
-    return root
-
-
 def test_ema_validation_has_no_jump_on_many_classes(tmp_path):
     """A short run with 80 classes: the EMA weights (what validates) must score like the raw weights.
 
     The issue's jump (val class loss 1.21 -> 32.9, EMA suspected) would show as an EMA loss far above the raw
     weights' on the same batches; a broken EMA (wrong buffers, decay, warm-up) fails here.
     """
-    dm = CocoDataModule(root=str(_many_class_coco(tmp_path)), image_size=128, batch_size=4, augment=False)
+    dm = CocoDataModule(root=str(many_class_coco(tmp_path)), image_size=128, batch_size=4, augment=False)
     dm.setup("fit")
     torch.manual_seed(0)
     task = DetectionTask(num_classes=dm.num_classes, image_size=128, ema_decay=0.99, bn_momentum=0.1)
