@@ -86,7 +86,7 @@ def build_det_transforms(
     if split == "train" and randaugment is not None:
         jitter.append(rand_augment(randaugment, fill=_PAD_FILL))
     if split == "train" and augment:
-        jitter = [
+        jitter += [  # after RandAugment, not instead of it
             A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,
                      fill=_PAD_FILL, p=0.5),
             A.HorizontalFlip(p=0.5),
