@@ -56,7 +56,7 @@ def _bbox_params(split: str) -> A.BboxParams:
     return A.BboxParams(
         format="pascal_voc", label_fields=["labels"], min_visibility=min_visibility, min_width=1.0, min_height=1.0,
         clip=True,
-    )
+    )  # fmt: skip
 
 
 def build_det_transforms(
@@ -86,11 +86,11 @@ def build_det_transforms(
     if split == "train" and randaugment is not None:
         jitter.append(rand_augment(randaugment, fill=_PAD_FILL))
     if split == "train" and augment:
-        jitter = [
+        jitter += [  # after RandAugment, not instead of it
             A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,
                      fill=_PAD_FILL, p=0.5),
             A.HorizontalFlip(p=0.5),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
-        ]
+        ]  # fmt: skip
     normalize = A.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)
     return A.Compose([*letterbox, *jitter, normalize], bbox_params=_bbox_params(split))

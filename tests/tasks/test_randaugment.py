@@ -130,6 +130,20 @@ def test_a_box_shifted_out_of_the_image_is_dropped_with_its_label():
         assert _iou(_box_of(_colour_pixels(out["image"], label)), np.asarray(out["bboxes"][0])) > 0.9
 
 
+def test_randaugment_runs_together_with_the_detection_jitter():
+    """``augment`` (the default) adds its flip/scale/colour jitter after RandAugment instead of replacing it."""
+    image = np.zeros((128, 128, 3), np.uint8)
+    image[20:40, 100:120] = (255, 0, 0)
+    image[60:80, 10:30] = (0, 255, 0)
+    boxes = np.array([[100, 20, 120, 40], [10, 60, 30, 80]], np.float32)
+    pipeline = build_det_transforms("train", 128, augment=True,
+                                    randaugment=RandAugmentSpec(1, 10, ("translate_x",)))  # fmt: skip
+    for seed in range(6):
+        pipeline.set_random_seed(seed)
+        out = pipeline(image=image, bboxes=boxes, labels=np.array([0, 1]))
+        assert len(out["bboxes"]) == len(out["labels"]) == 1, seed  # the 58 px shift always pushes one out
+
+
 def test_any_channel_count_works():
     for channels in (1, 4):
         image = np.random.default_rng(0).random((32, 32, channels), dtype=np.float32)
