@@ -59,7 +59,7 @@ def test_cli_fit_fast_dev_run_frozen_backbone_mixed_precision(tmp_path):
     assert (tmp_path / "data" / "annotations" / "instances_train.json").is_file()  # generated on first use
 
 
-@pytest.mark.parametrize("name", ["quickstart_d0", "raccoon_d0"])
+@pytest.mark.parametrize("name", ["quickstart_d0", "raccoon_d0", "raccoon_lite0_pretrained"])
 def test_shipped_configs_parse(name, capsys):
     config = Path(__file__).resolve().parents[2] / "configs" / "detection" / f"{name}.yaml"
     with pytest.raises(SystemExit) as exit_info:
