@@ -269,3 +269,12 @@ def test_checkpoint_without_optimizer_state_predicts_and_exports(seg_run, tmp_pa
     assert main(["export", "--ckpt", str(stripped), "--output", str(tmp_path / "m.onnx"), "--no-verify",
                  "--height", "64", "--width", "64"]) == 0  # fmt: skip
     assert (tmp_path / "m.onnx").stat().st_size > 1_000_000
+
+
+@pytest.mark.parametrize("config", sorted(REPO.glob("configs/segmentation/*.yaml")), ids=lambda p: p.stem)
+def test_shipped_segmentation_configs_parse(config, capsys):
+    """Every segmentation recipe (with its progressive block, where it has one) is a valid config."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "tasks.segmentation.SegmentationTask" in capsys.readouterr().out
