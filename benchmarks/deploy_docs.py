@@ -21,14 +21,17 @@ def machine_line(run: dict[str, Any]) -> str:
     flags = run.get("cpu_flags", {})
     has = [f for f, on in flags.items() if on] or ["none of them"]
     lacks = [f for f, on in flags.items() if not on]
-    load = "/".join(f"{v:.1f}" for v in (m.get("loadavg_start") or ())[:1] + (m.get("loadavg_end") or ())[:1])
+    loads = list((m.get("loadavg_start") or ())[:1]) + list((m.get("loadavg_end") or ())[:1])
+    load = "/".join(f"{v:.1f}" for v in loads)
+    # Only a run that started and ended below 1.5 counts as idle (docs: a loaded machine gives nonsense).
+    shared = "idle apart from the run" if loads and max(loads) < 1.5 else "other jobs shared the machine"
     args = run["args"]
     return (
         f"{m['cpu']} ({m['cpu_count']} cores; reports {', '.join(has)}; lacks {', '.join(lacks) or 'nothing'}), "
         f"{args['threads']} thread(s), {args['device']}, torch {m['torch']}, "
         f"{', '.join(f'{k} {v}' for k, v in run.get('versions', {}).items() if k != 'timm')}, "
         f"{args['rounds']} interleaved rounds, "
-        f"load average {load} (1 min, start/end; other jobs shared the machine), {m['time']}, commit {m['git_commit']}"
+        f"load average {load} (1 min, start/end; {shared}), {m['time']}, commit {m['git_commit']}"
     )
 
 
