@@ -120,6 +120,12 @@ def test_bf16_mixed_on_cpu_learns_a_tiny_segmentation():
     Slow: bf16 autocast on CPU took about a minute for the 20 steps on 2 shared cores (fp32 is several times
     faster there); the default suite keeps the bf16 fast_dev_run checks above.
     """
+    first, last = _learn_tiny_segmentation("cpu", "bf16-mixed")
+    assert last < 0.9 * first, (first, last)  # measured: 0.70 -> 0.55
+
+
+def _learn_tiny_segmentation(accelerator: str, precision: str) -> tuple[float, float]:
+    """20 steps on 4 fixed 32x32 images; every loss finite; the mean of the first and of the last 5 losses."""
     torch.manual_seed(0)
     images = torch.randn(4, 3, 32, 32)
     masks = (images[:, 0] > 0).long()  # a per-pixel rule the network can fit in a few steps
@@ -128,11 +134,39 @@ def test_bf16_mixed_on_cpu_learns_a_tiny_segmentation():
                             optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3))  # fmt: skip
     losses = _Losses()
     trainer = L.Trainer(
-        max_steps=20, accelerator="cpu", precision="bf16-mixed", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, callbacks=[losses],
+        max_steps=20, accelerator=accelerator, devices=1, precision=precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=[losses],
     )  # fmt: skip
     trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
-    assert len(losses.losses) == 20 and all(math.isfinite(v) for v in losses.losses)
+    assert len(losses.losses) == 20 and all(math.isfinite(v) for v in losses.losses), losses.losses
     first, last = sum(losses.losses[:5]) / 5, sum(losses.losses[-5:]) / 5
-    print(f"bf16-mixed loss: first 5 steps {first:.3f}, last 5 {last:.3f}")
-    assert last < 0.9 * first, losses.losses  # measured: 0.70 -> 0.55
+    print(f"{precision} on {accelerator}: loss of the first 5 steps {first:.3f}, last 5 {last:.3f}")
+    return first, last
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_on_gpu_learns_a_tiny_segmentation(precision):
+    first, last = _learn_tiny_segmentation("gpu", precision)
+    assert last < 0.9 * first, (first, last)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_detection_cli_fast_dev_run_on_gpu_in_mixed_precision(tmp_path, precision):
+    pytest.importorskip("effdet")
+    pytest.importorskip("pycocotools")
+    cli = run_cli([
+        "fit", "--config", str(CONF / "det_d0.yaml"), "--config", str(CONF / "det_training.yaml"),
+        f"--data.init_args.root={tmp_path / 'data'}", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.fast_dev_run=true", "--trainer.accelerator=gpu", "--trainer.devices=1",
+        f"--trainer.precision={precision}",
+    ])  # fmt: skip
+    for key in ("train/loss", "val/loss"):
+        assert math.isfinite(float(cli.trainer.callback_metrics[key])), key
