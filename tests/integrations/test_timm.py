@@ -410,7 +410,7 @@ def test_model_features_pretrained(timm_b0_file):
     src, path = timm_b0_file
     model = timm.create_model(
         "effbackbone_b0",
-        pretrained=True,
+        pretrained=True,  # offline-ok: local file
         pretrained_cfg_overlay={"file": path},
         features_only=True,
         out_indices=(2, 3, 4),
@@ -422,26 +422,31 @@ def test_model_features_pretrained(timm_b0_file):
             assert torch.equal(a, b)
 
 
+@pytest.mark.usefixtures("offline")
 def test_pretrained_tf_weights_with_tf_compat(tmp_path):
     src = timm.create_model("tf_efficientnet_b0", pretrained=False).eval()
     path = tmp_path / "tf_b0.pth"
     torch.save(src.state_dict(), path)
+    overlay = {"file": str(path)}  # timm's own TF B0 with random weights, saved above
     model = timm.create_model(
-        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)}, tf_compat=True
+        "effbackbone_b0", pretrained=True, pretrained_cfg_overlay=overlay, tf_compat=True  # offline-ok: local file
     ).eval()
     x = torch.randn(1, 3, 67, 61)  # odd sizes exercise TF "same" padding
     with torch.no_grad():
         assert (model(x) - src(x)).abs().max().item() == 0.0
 
 
+@pytest.mark.usefixtures("offline")
 @pytest.mark.parametrize("name", ["b0", "v2_s"])
 def test_pretrained_torchvision_file(tmp_path, name):
     tvm = pytest.importorskip("torchvision.models")
     src = getattr(tvm, f"efficientnet_{name}")().eval()
     path = tmp_path / f"tv_{name}.pth"
     torch.save(src.state_dict(), path)
-    model = timm.create_model(f"effbackbone_{name}", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-    model.eval()
+    overlay = {"file": str(path)}  # torchvision's model with random weights, saved above
+    model = timm.create_model(
+        f"effbackbone_{name}", pretrained=True, pretrained_cfg_overlay=overlay  # offline-ok: local file
+    ).eval()
     # torchvision's V2 uses BN eps 1e-3, which the state dict does not record: set from the layout.
     assert model.bn1.eps == src.features[0][1].eps
     x = torch.randn(1, 3, 64, 64)
@@ -449,14 +454,20 @@ def test_pretrained_torchvision_file(tmp_path, name):
         torch.testing.assert_close(model(x), src(x), rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("offline")
 def test_wrong_weights_file_is_refused(tmp_path, timm_b0_file):
     _, path = timm_b0_file
+    b0_file = {"file": path}  # a B0 file offered to B1
     with pytest.raises(effbackbone.WeightsError, match="missing keys.*create_model"):
-        timm.create_model("effbackbone_b1", pretrained=True, pretrained_cfg_overlay={"file": path}, num_classes=1000)
+        timm.create_model(
+            "effbackbone_b1", num_classes=1000, pretrained=True, pretrained_cfg_overlay=b0_file  # offline-ok: file
+        )
     bad = tmp_path / "bad.pth"
     torch.save({"foo.weight": torch.zeros(1)}, bad)
     with pytest.raises(effbackbone.WeightsError, match="unrecognised weight layout"):
-        timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(bad)})
+        timm.create_model(
+            "effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(bad)}  # offline-ok: local file
+        )
 
 
 # -- timm model API and our options --
