@@ -26,6 +26,8 @@ from tasks.common.regularization import count_dropout, set_drop_path_rate, set_d
 
 #: Values a stage sets (``None``: leave it as the model and data have it).
 STAGE_VALUES = ("image_size", "drop_path_rate", "dropout", "magnitude")
+#: Every key of the ``progressive`` block (both forms).
+OPTION_KEYS = ("num_stages", "stages", *STAGE_VALUES, "keep_scale")
 #: The data-side values (the rest act on the model).
 DATA_VALUES = ("image_size", "magnitude")
 
@@ -130,10 +132,10 @@ def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_mul
     Raises:
         ValueError: Unknown keys, both or neither form, bad values; each message names the key and a fix.
     """
+    unknown = set(config) - set(OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: {', '.join(OPTION_KEYS)}")
     keys = set(config) - {"keep_scale"}
-    allowed = {"num_stages", "stages", *STAGE_VALUES}
-    if keys - allowed:
-        raise ValueError(f"unknown progressive key(s) {sorted(keys - allowed)}; valid: {sorted(allowed)}, keep_scale")
     keep_scale = config.get("keep_scale", False)
     if not isinstance(keep_scale, bool):
         raise ValueError(f"progressive keep_scale must be true or false, got {keep_scale!r}")
@@ -283,10 +285,9 @@ class ProgressiveLearning(L.Callback):
     @classmethod
     def from_option(cls, option: Mapping[str, Any]) -> ProgressiveLearning:
         """The callback of a task's ``progressive`` option (the same keys)."""
-        unknown = set(option) - {"num_stages", "stages", "keep_scale", *STAGE_VALUES}
+        unknown = set(option) - set(OPTION_KEYS)
         if unknown:
-            raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: num_stages, stages, "
-                             f"{', '.join(STAGE_VALUES)}, keep_scale")  # fmt: skip
+            raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: {', '.join(OPTION_KEYS)}")
         return cls(**dict(option))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

@@ -113,14 +113,20 @@ def test_boxes_follow_the_geometric_ops_in_the_detection_pipeline():
     assert kept >= 16
 
 
-def test_a_box_shifted_out_of_the_image_is_dropped_with_its_label():
+def _edge_squares(augment: bool) -> tuple[np.ndarray, np.ndarray, A.Compose]:
+    """A red square near the right edge (label 0), a green one near the left edge (label 1), their boxes, and a
+    pipeline whose one op, translate_x at magnitude 10, shifts by 45% of the side (58 px): one square leaves."""
     image = np.zeros((128, 128, 3), np.uint8)
-    image[20:40, 100:120] = (255, 0, 0)  # red near the right edge, label 0
-    image[60:80, 10:30] = (0, 255, 0)  # green near the left edge, label 1
+    image[20:40, 100:120] = (255, 0, 0)
+    image[60:80, 10:30] = (0, 255, 0)
     boxes = np.array([[100, 20, 120, 40], [10, 60, 30, 80]], np.float32)
-    # translate_x at magnitude 10 shifts by 45% of the side (58 px), left or right: one square leaves.
-    pipeline = build_det_transforms("train", 128, augment=False,
+    pipeline = build_det_transforms("train", 128, augment=augment,
                                     randaugment=RandAugmentSpec(1, 10, ("translate_x",)))  # fmt: skip
+    return image, boxes, pipeline
+
+
+def test_a_box_shifted_out_of_the_image_is_dropped_with_its_label():
+    image, boxes, pipeline = _edge_squares(augment=False)
     for seed in range(6):
         pipeline.set_random_seed(seed)
         out = pipeline(image=image, bboxes=boxes, labels=np.array([0, 1]))
@@ -132,12 +138,7 @@ def test_a_box_shifted_out_of_the_image_is_dropped_with_its_label():
 
 def test_randaugment_runs_together_with_the_detection_jitter():
     """``augment`` (the default) adds its flip/scale/colour jitter after RandAugment instead of replacing it."""
-    image = np.zeros((128, 128, 3), np.uint8)
-    image[20:40, 100:120] = (255, 0, 0)
-    image[60:80, 10:30] = (0, 255, 0)
-    boxes = np.array([[100, 20, 120, 40], [10, 60, 30, 80]], np.float32)
-    pipeline = build_det_transforms("train", 128, augment=True,
-                                    randaugment=RandAugmentSpec(1, 10, ("translate_x",)))  # fmt: skip
+    image, boxes, pipeline = _edge_squares(augment=True)
     for seed in range(6):
         pipeline.set_random_seed(seed)
         out = pipeline(image=image, bboxes=boxes, labels=np.array([0, 1]))
