@@ -4,6 +4,8 @@ Everything here works for both paddings. TF "same" padding (:class:`~effbackbone
 is computed from the input's shape with integer arithmetic, so the exporters record it as shape
 ops (ONNX ``Shape -> Div -> Mul -> Sub -> Pad``) instead of freezing the pad of the export size,
 and ``torch.compile(dynamic=True)`` treats it symbolically instead of recompiling per size.
+For inputs that are multiples of the stride, :meth:`~effbackbone.model.EfficientNet.set_static_padding`
+makes that pad a constant and :func:`fold_pads` writes it into the convolutions.
 
 This module imports torch only; ``onnx``, ``onnxscript`` and ``onnxruntime`` are imported when a
 function needs them (``pip install effbackbone[export]``).
@@ -185,6 +187,163 @@ def _export_legacy(
         opset_version=opset,
         do_constant_folding=True,
     )
+
+
+def fold_pads(path: str | Path) -> int:
+    """Fold constant Pad nodes into the convolutions and max-pools they feed; rewrite ``path`` in place.
+
+    ONNX ``Conv`` and ``MaxPool`` take asymmetric ``pads`` themselves (zeros for Conv, ignored
+    positions, i.e. -inf, for MaxPool), so ``Pad(0) -> Conv`` and ``Pad(-inf) -> MaxPool`` are one
+    node. ONNX Runtime's own Pad fusion does not run on these graphs (nor between an int8 graph's
+    quantize nodes); an unfolded Pad costs a copy of the tensor per strided conv, and in an int8
+    graph a dequantize, a float Pad and a quantize. A -inf Pad (effdet's "same" max-pooling) also
+    cannot be calibrated: its range starts at -inf. Pads computed from shapes fold when the
+    shapes are static apart from the batch (EfficientDet's fixed size).
+
+    Returns:
+        The number of Pad nodes folded.
+    """
+    onnx = _require("onnx")
+    path = Path(path)
+    proto = onnx.load(str(path))
+    total = 0
+    # Each round can make more shapes static (a folded pool's output size becomes known), so
+    # the pads after it fold in the next round.
+    while folded := _fold_pads_once(onnx, proto):
+        total += folded
+    if total:
+        _drop_dead_nodes(proto.graph)
+        onnx.save(proto, str(path))
+    return total
+
+
+def _fold_pads_once(onnx: ModuleType, proto: Any) -> int:
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
+    shapes = _static_shapes(onnx, proto)
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    removed = []
+    for node in graph.node:
+        if node.op_type != "Pad" or node.output[0] in outputs or (len(node.input) > 3 and node.input[3]):
+            continue  # (explicit axes, opset 18: not what the exporters write for F.pad)
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        pads = _constant_value(graph, node.input[1], consts, shapes) if len(node.input) > 1 else None
+        value = _constant_value(graph, node.input[2], consts, shapes) if len(node.input) > 2 and node.input[2] else 0.0
+        users = consumers.get(node.output[0], [])
+        if mode != "constant" or pads is None or value is None or len(pads) != 8 or pads[:2].any() or pads[4:6].any():
+            continue
+        target = "Conv" if float(value) == 0.0 else "MaxPool" if float(value) == float("-inf") else None
+        if not users or any(u.op_type != target for u in users):
+            continue
+        if any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for u in users for a in u.attribute):
+            continue
+        extra = [int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])]  # top, left, bottom, right
+        for user in users:
+            attr = next((a for a in user.attribute if a.name == "pads"), None)
+            old = list(attr.ints) if attr is not None else [0, 0, 0, 0]
+            new = [a + b for a, b in zip(old, extra, strict=True)]
+            if attr is None:
+                user.attribute.append(onnx.helper.make_attribute("pads", new))
+            else:
+                del attr.ints[:]
+                attr.ints.extend(new)
+            user.input[0] = node.input[0]
+        removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
+
+
+def _drop_dead_nodes(graph: Any) -> None:
+    """Remove nodes none of whose outputs is used (the shape arithmetic of the folded pads)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [node for node in graph.node if not any(o in used for o in node.output)]
+        if not dead:
+            return
+        for node in dead:
+            graph.node.remove(node)
+
+
+def _static_shapes(onnx: ModuleType, proto: Any) -> dict[str, list[int | None]]:
+    """Inferred tensor shapes (``None`` for a symbolic dim)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - no shapes: only constant pads fold
+        return {}
+    shapes = {}
+    for info in (*inferred.value_info, *inferred.input):
+        dims = info.type.tensor_type.shape.dim
+        shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return shapes
+
+
+def _constant_value(graph: Any, name: str, consts: dict[str, Any], shapes: dict[str, list[int | None]]) -> Any:
+    """The value of ``name`` when constants and static shapes determine it, else ``None``; cached in ``consts``.
+
+    The legacy exporter leaves a Concat/Reshape/Slice/Transpose/Cast chain for ``F.pad``'s pads,
+    and timm's "same" padding computes them from ``Shape``. A ``Shape`` whose only unknown dim is
+    the batch is evaluated with batch 1 and 2: a value that does not change depends on static dims only.
+    """
+    if name in consts:
+        return consts[name]
+    import numpy as np
+
+    onnx = _require("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    index = {n.output[0]: i for i, n in enumerate(graph.node)}
+    producer = {o: n for n in graph.node for o in n.output}
+    nodes, shape_leaves, stack, seen = [], {}, [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or current in consts or not current:
+            continue
+        seen.add(current)
+        node = producer.get(current)
+        if node is None:
+            return None  # a graph input
+        if node.op_type == "Shape":
+            dims = shapes.get(node.input[0])
+            if node.attribute or dims is None or None in dims[1:]:
+                return None
+            shape_leaves[node.output[0]] = dims
+            continue
+        nodes.append(node)
+        stack.extend(node.input)
+    nodes.sort(key=lambda n: index[n.output[0]])
+    leaves = {i for n in nodes for i in n.input if i in consts}
+    values = []
+    for batch in (1, 2):
+        feeds = {
+            k: np.array([batch if dims[0] is None else dims[0], *dims[1:]], dtype=np.int64)
+            for k, dims in shape_leaves.items()
+        }
+        if name in feeds:
+            values.append(feeds[name])
+            continue
+        inputs = [onnx.helper.make_tensor_value_info(k, onnx.TensorProto.INT64, [len(v)]) for k, v in feeds.items()]
+        sub = onnx.helper.make_graph(
+            nodes, "pads", inputs,
+            [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
+            [onnx.numpy_helper.from_array(consts[i], i) for i in leaves],
+        )  # fmt: skip
+        try:
+            values.append(ReferenceEvaluator(onnx.helper.make_model(sub)).run(None, feeds)[0])
+        except Exception:  # noqa: BLE001 - an op the reference cannot run: leave the Pad alone
+            return None
+    if values[0].shape != values[1].shape or not np.array_equal(values[0], values[1]):
+        return None  # depends on the batch size
+    consts[name] = values[0]
+    return values[0]
 
 
 def verify_onnx(

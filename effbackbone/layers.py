@@ -19,6 +19,11 @@ class Conv2dSame(nn.Conv2d):
     with integer arithmetic only (no ``math.ceil``, no data-dependent branch), which keeps ONNX
     export with dynamic height/width, TorchScript and ``torch.compile`` working.
     State-dict keys equal ``nn.Conv2d``'s (and timm's ``Conv2dSame``).
+
+    With :attr:`static_pad` set (:meth:`effbackbone.model.EfficientNet.set_static_padding`) the pad is
+    the constant it takes for inputs whose size is a multiple of the stride, ``k_eff - s``: an exported
+    graph then has a constant Pad that runtimes fold into the convolution, instead of a shape
+    computation and a Pad node per strided conv (which an int8 graph runs in float).
     """
 
     def __init__(
@@ -36,15 +41,34 @@ class Conv2dSame(nn.Conv2d):
         # stride; every strided conv of EfficientNet (k >= 3, s = 2) satisfies this.
         if (kernel_size - 1) * dilation + 1 <= stride:
             raise ValueError("Conv2dSame needs (k - 1) * d + 1 > stride")
+        self.static_pad = False
 
     def forward(self, x: Tensor) -> Tensor:
         """Pad as TF "SAME" would, then convolve."""
         ih, iw = x.shape[-2], x.shape[-1]
         k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
+        if self.static_pad:
+            if not torch.jit.is_scripting():
+                _check_static_pad(ih, iw, s)
+            pad = max((k - 1) * d + 1 - s, 0)
+            x = F.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
+            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         pad_h = ((ih + s - 1) // s - 1) * s + (k - 1) * d + 1 - ih
         pad_w = ((iw + s - 1) // s - 1) * s + (k - 1) * d + 1 - iw
         x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+def _check_static_pad(ih: int, iw: int, stride: int) -> None:
+    """Eager guard of the static pad: it equals TF "same" only for sizes that are multiples of the stride."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return  # the exporter's contract (size_divisibility) guards the traced sizes
+    if ih % stride or iw % stride:
+        raise ValueError(
+            f"a {ih}x{iw} input reached a stride-{stride} conv with static padding, which is TF 'same' only for "
+            f"multiples of the stride; pad the image to a multiple of the model's size_divisibility, "
+            "or call set_static_padding(False)"
+        )
 
 
 def create_conv(

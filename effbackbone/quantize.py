@@ -34,6 +34,7 @@ from effbackbone.runtime import (
     OnnxModel,
     describe_model,
     export_for_runtime,
+    input_rules,
     read_metadata,
     write_metadata,
 )  # fmt: skip
@@ -71,6 +72,7 @@ def quantize_int8(
     std: Sequence[float] | None = None,
     metadata: Mapping[str, Any] | None = None,
     num_threads: int | None = None,
+    size_divisibility: int | None = None,
 ) -> Int8Model:
     """Quantize a float model to int8 with ONNX Runtime static QDQ quantization.
 
@@ -92,6 +94,10 @@ def quantize_int8(
         std: Per-channel std, likewise.
         metadata: More JSON-serialisable entries for the file (e.g. ``{"classes": [...]}``).
         num_threads: ONNX Runtime intra-op threads of the returned model.
+        size_divisibility: The file accepts only heights and widths that are multiples of this
+            (:func:`effbackbone.runtime.export_for_runtime`); 32 lets a TF-padded encoder or classifier
+            fold its padding into the convolutions (Lite0 int8: 1.3x faster). smp models and
+            EfficientDet do so by themselves.
 
     Returns:
         The int8 model; ``model(x)`` has the float model's kind of output (tensor, dict or tuple of lists).
@@ -103,14 +109,17 @@ def quantize_int8(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
-    info = describe_model(model)
-    batches = calibration_batches(calibration, info.rules, max_batches)
+    rules = input_rules(describe_model(model), size_divisibility)
+    batches = calibration_batches(calibration, rules, max_batches)
     ort_q = _require("onnxruntime.quantization")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory(prefix="effbackbone-int8-") as tmp:
         fp32, pre, int8 = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        export_for_runtime(model, fp32, torch.from_numpy(batches[0][:1]), mean=mean, std=std, metadata=metadata)
+        export_for_runtime(
+            model, fp32, torch.from_numpy(batches[0][:1]), mean=mean, std=std, metadata=metadata,
+            size_divisibility=size_divisibility,
+        )  # fmt: skip
         # ORT's recommended pre-processing (graph optimisation, shape inference); the symbolic pass
         # cannot follow our dynamic height/width and is not needed for CPU QDQ.
         quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
@@ -198,24 +207,38 @@ def _image_of(item: Any) -> Any:
 
 
 def _infinite_pads(path: Path) -> list[str]:
-    """Pad nodes whose pad value is not finite: they must stay in float.
+    """Keep -inf Pad nodes, and the pools that read them, in float; make their pad value finite.
 
-    effdet's "same" max-pooling pads with -inf; quantized, -inf becomes NaN and poisons every level
-    after the first downsampling (the box outputs of a random D0 came out uncorrelated with fp32).
+    "Same" max-pooling pads with -inf. A fixed-size EfficientDet's pads fold into its MaxPools
+    (:func:`effbackbone.export.fold_pads`); a Pad whose size depends on the input's stays. Quantized,
+    -inf becomes NaN and poisons every later level; calibrated, its tensor's range starts at -inf,
+    which gives an infinite scale and stops the histogram calibrators. So these nodes stay in float,
+    and the pad value becomes float32's lowest number, which changes no max (``path`` is rewritten).
+
+    Returns:
+        The names of the nodes to keep in float.
     """
     import numpy as np
 
     onnx = _require("onnx")
     from onnx import numpy_helper
 
-    graph = onnx.load(str(path)).graph
-    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    values.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"})
-    names = []
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    names, padded = [], set()
     for node in graph.node:
-        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in values:
-            if not np.isfinite(values[node.input[2]]).all():
+        if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in tensors:
+            value = numpy_helper.to_array(tensors[node.input[2]])
+            if not np.isfinite(value).all():
+                lowest = np.full_like(value, np.finfo(value.dtype).min)
+                tensors[node.input[2]].CopyFrom(numpy_helper.from_array(lowest, node.input[2]))
                 names.append(node.name)
+                padded.add(node.output[0])
+    names += [n.name for n in graph.node if padded & set(n.input)]
+    if names:
+        onnx.save(proto, str(path))
     return names
 
 

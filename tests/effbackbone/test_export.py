@@ -317,3 +317,65 @@ def test_compile_inductor():
     report = export.check_compile(model, inputs, backend="inductor")
     assert report.graph_break_count == 0
     assert report.max_abs_diff <= ATOL
+
+
+# --- static TF padding and Pad folding: what a deployment at multiples of 32 gets -----------------
+
+
+def test_static_padding_equals_same_padding_at_multiples_of_stride():
+    model = _model(*B0_SAME)
+    fixed = copy.deepcopy(model)
+    fixed.set_static_padding(True)
+    assert all(m.static_pad for m in fixed.modules() if isinstance(m, Conv2dSame))
+    for shape in ((2, 3, 64, 96), (1, 3, 32, 160)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref, out = model(x), fixed(x)
+        for name in ref:
+            torch.testing.assert_close(out[name], ref[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="multiples of the stride.*set_static_padding"):
+        fixed(torch.randn(1, 3, 65, 64))
+    fixed.set_static_padding(False)
+    assert fixed(torch.randn(1, 3, 65, 64))["C5"].shape[-2:] == (3, 2)
+
+
+class _PadThenConvAndPool(nn.Module):
+    """The two patterns fold_pads folds: zero Pad -> Conv (TF "same" conv) and -inf Pad -> MaxPool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=(1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(nn.functional.pad(x, [1, 2, 0, 1]))  # asymmetric, added to the conv's own pads
+        return nn.functional.max_pool2d(nn.functional.pad(x, [0, 1, 0, 1], value=float("-inf")), 3, 2)
+
+
+def test_fold_pads_folds_zero_and_minus_inf_pads(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model = _PadThenConvAndPool().eval()
+    path = export.export_module_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 32, 32), ["out"], dynamo=False)
+    assert [n.op_type for n in onnx.load(str(path)).graph.node].count("Pad") == 2
+    assert export.fold_pads(path) == 2
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Pad" not in ops and ops.count("Conv") == 1 and ops.count("MaxPool") == 1
+    conv_pads = next(list(a.ints) for n in graph.node if n.op_type == "Conv" for a in n.attribute if a.name == "pads")
+    assert conv_pads == [1, 1, 2, 2]  # top, left, bottom, right: (1, 0) conv padding plus the Pad's
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for shape in ((2, 3, 32, 32), (1, 3, 33, 47)):  # folded pads are constants: right at every size
+        x = torch.randn(shape)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        assert abs(session.run(None, {"input": x.numpy()})[0] - ref).max() < 1e-5
+    assert export.fold_pads(path) == 0  # nothing left
+
+
+def test_fold_pads_leaves_shape_dependent_pads(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _model(*B0_SAME, out_indices=(0, 1))
+    path = export.export_onnx(model, tmp_path / "m.onnx", input_size=EXPORT_SIZE, dynamo=False)
+    pads = [n.op_type for n in onnx.load(str(path)).graph.node].count("Pad")
+    assert pads == 2  # the stem and blocks.1.0 (C1, C2): computed from the dynamic input size
+    assert export.fold_pads(path) == 0

@@ -22,7 +22,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from effbackbone.quantize import Int8Model, calibration_batches, load_int8, quantize_int8  # noqa: E402
-from effbackbone.runtime import describe_model, load_onnx_model, to_runtime  # noqa: E402
+from effbackbone.runtime import OnnxModel, describe_model, load_onnx_model, to_runtime  # noqa: E402
 
 # TF EfficientNet-Lite preprocessing: (x * 255 - 127) / 128.
 LITE_MEAN, LITE_STD = (127 / 255,) * 3, (128 / 255,) * 3
@@ -145,20 +145,35 @@ def _centered_corr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class _PadMaxPool(nn.Module):
-    """effdet's "same" max-pooling: pad with -inf, then pool (a conv before and after)."""
+    """effdet's "same" max-pooling: pad with -inf, then pool (a conv before and after).
 
-    def __init__(self) -> None:
+    ``dynamic``: the pad is computed from the input's size, as timm's ``MaxPool2dSame`` does, so the
+    exported graph keeps its Pad node (a constant pad folds into the MaxPool instead).
+    """
+
+    def __init__(self, dynamic: bool = False) -> None:
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.dynamic = dynamic
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.pad(self.conv1(x), [0, 1, 0, 1], value=float("-inf"))
-        return self.conv2(F.max_pool2d(x, 3, 2))
+        x = self.conv1(x)
+        pad = [0, 1, 0, 1]
+        if self.dynamic:
+            h, w = x.shape[-2], x.shape[-1]
+            pad = [0, (w + 1) // 2 * 2 + 1 - w, 0, (h + 1) // 2 * 2 + 1 - h]
+        return self.conv2(F.max_pool2d(F.pad(x, pad, value=float("-inf")), 3, 2))
 
 
-def test_minus_inf_padding_stays_float() -> None:
-    model = _PadMaxPool().eval()
-    q = quantize_int8(model, _calibration(size=(31, 31)))
+@pytest.mark.parametrize("dynamic", [False, True], ids=["folded", "dynamic"])
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_minus_inf_padding_stays_float(dynamic: bool, method: str) -> None:
+    import onnx
+
+    model = _PadMaxPool(dynamic).eval()
+    q = quantize_int8(model, _calibration(size=(31, 31)), method=method)  # percentile: a histogram of -inf failed
+    ops = [n.op_type for n in onnx.load_from_string(q._bytes).graph.node]
+    assert ops.count("Pad") == int(dynamic)  # the constant pad is in the MaxPool's own pads
     x = torch.randn(2, 3, 31, 31)
     with torch.no_grad():
         ref = model(x)
@@ -167,17 +182,52 @@ def test_minus_inf_padding_stays_float() -> None:
     assert _cos(out, ref) > 0.98
 
 
-@pytest.mark.slow
+def _pads(model: OnnxModel) -> int:
+    import onnx
+
+    return [n.op_type for n in onnx.load_from_string(model._bytes).graph.node].count("Pad")
+
+
+def test_size_divisibility_folds_tf_padding(tf_encoder: nn.Module, tf_encoder_int8: Int8Model) -> None:
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = tf_encoder(x)
+    assert _pads(tf_encoder_int8) == 3  # any size: the stem's and two stages' pads are computed per input
+    fp32 = to_runtime(tf_encoder, x[:1], size_divisibility=32)
+    int8 = quantize_int8(tf_encoder, _calibration(), size_divisibility=32)
+    assert _pads(fp32) == _pads(int8) == 0
+    assert fp32.rules.size_divisibility == int8.rules.size_divisibility == 32
+    fast, slow = int8(x), tf_encoder_int8(x)
+    for name, value in fp32(x).items():
+        torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4 * float(ref[name].abs().max()))
+        assert _cos(fast[name], ref[name]) > 0.97 and _cos(slow[name], ref[name]) > 0.97
+    with pytest.raises(ValueError, match="multiples of 32"):
+        int8(torch.randn(1, 3, 65, 96))
+    odd = to_runtime(tf_encoder, x[:1, :, :48, :72], size_divisibility=24)  # 24 / 8 is odd: static pads would be wrong
+    assert _pads(odd) == 3
+    torch.testing.assert_close(odd(x[..., :48, :72])["C3"], tf_encoder(x[..., :48, :72])["C3"], rtol=1e-4, atol=1e-3)
+
+
+def test_size_divisibility_must_extend_the_models_rule() -> None:
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    import effbackbone.integrations.smp  # noqa: F401
+
+    unet = smp.Unet("effbackbone-b0", encoder_weights=None, classes=2, decoder_channels=(32, 16, 8, 8, 8))
+    with pytest.raises(ValueError, match="multiple of the model's own 32"):
+        to_runtime(unet.eval(), torch.randn(1, 3, 64, 64), size_divisibility=16)
+
+
 def test_efficientdet_int8_close_to_fp32() -> None:
     pytest.importorskip("effdet")
     from effbackbone.integrations.effdet import create_efficientdet
 
-    # One BiFPN cell and one head repeat keep it to about a minute. Random weights, so correlations
-    # are lower than with trained ones: 0.74-0.92 on P3-P5 over three seeds. P6/P7 are 2x2 and 1x1 at
-    # 128 px, so their activation ranges come from a handful of values (0.21-0.91): not asserted.
+    # One BiFPN cell and one head repeat keep it to seconds. Random weights, so correlations are lower
+    # than with trained ones: 0.79-0.94 on P3-P5 over three seeds. P6/P7 are 2x2 and 1x1 at 128 px, so
+    # their activation ranges come from a handful of values (0.41-0.94): not asserted.
     det = create_efficientdet("d0", num_classes=3, image_size=128, fpn_cell_repeats=1, box_class_repeats=1)
     det = _calibrate_bn(det, 128)
     q = quantize_int8(det, _calibration(2, (128, 128)))
+    assert _pads(q) == 0  # fixed size: the "same" pads of convs and max-pools fold into them
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         ref_cls, ref_box = det(x)
@@ -188,7 +238,7 @@ def test_efficientdet_int8_close_to_fp32() -> None:
         assert got.shape == ref.shape and torch.isfinite(got).all()
         if ref.shape[2] * ref.shape[3] >= 16:
             corr.append(_centered_corr(got, ref))
-    assert len(corr) == 6 and min(corr) > 0.6, corr
+    assert len(corr) == 6 and min(corr) > 0.7, corr
     with pytest.raises(ValueError, match="128 x 128"):
         q(torch.randn(1, 3, 256, 256))
 
