@@ -141,16 +141,53 @@ def runtime_rows(
     from effbackbone.quantize import quantize_int8
     from effbackbone.runtime import to_runtime
 
+    multiple = deploy_multiple(model, example)
+
     def fp32() -> Row:
-        ort = to_runtime(model, example[:1], num_threads=args.threads)
-        return Row("ONNX Runtime fp32", ort, ort.size_bytes / 1e6)
+        ort = to_runtime(model, example[:1], num_threads=args.threads, size_divisibility=multiple)
+        return Row("ONNX Runtime fp32", ort, ort.size_bytes / 1e6, _multiple_note(multiple))
 
     def int8() -> Row:
         t0 = time.perf_counter()
-        q = quantize_int8(model, calibration, num_threads=args.threads)
-        return Row("ONNX Runtime int8", q, q.size_bytes / 1e6, f"quantized in {time.perf_counter() - t0:.0f} s")
+        q = quantize_int8(model, calibration, num_threads=args.threads, size_divisibility=multiple)
+        note = ", ".join(filter(None, [f"quantized in {time.perf_counter() - t0:.0f} s", _multiple_note(multiple)]))
+        return Row("ONNX Runtime int8", q, q.size_bytes / 1e6, note)
 
-    return [_build("ONNX Runtime fp32", fp32), _build("ONNX Runtime int8", int8)]
+    def int8_full() -> Row:
+        q = quantize_int8(model, calibration, num_threads=args.threads, size_divisibility=multiple, reduce_range=False)
+        note = ", ".join(filter(None, ["reduce_range=False", _multiple_note(multiple)]))
+        return Row(VNNI_ROW, q, q.size_bytes / 1e6, note)
+
+    rows = [_build("ONNX Runtime fp32", fp32), _build("ONNX Runtime int8", int8)]
+    if _has_vnni():  # full-range weights saturate the int16 pair sums of AVX2-only CPUs (docs/deploy.md)
+        rows.append(_build(VNNI_ROW, int8_full))
+    return rows
+
+
+VNNI_ROW = "ONNX Runtime int8, 8-bit weights (VNNI CPUs only)"
+
+
+def _has_vnni() -> bool:
+    from deploy_eval import cpu_flags
+
+    flags = cpu_flags()
+    return bool(flags.get("avx512_vnni") or flags.get("avx_vnni"))
+
+
+def deploy_multiple(model: nn.Module, example: Tensor) -> int | None:
+    """32 for a TF-padded encoder/classifier timed at multiples of 32 (its pads then fold into the convs).
+
+    A deployment that feeds fixed-size images declares it (``size_divisibility=32``); smp models
+    and EfficientDet have such a rule already, so they fold by themselves (``None`` here).
+    """
+    from effbackbone.model import EfficientNet
+
+    same = isinstance(model, EfficientNet) and model.cfg.padding == "same"
+    return 32 if same and not (example.shape[-1] % 32 or example.shape[-2] % 32) else None
+
+
+def _multiple_note(multiple: int | None) -> str:
+    return "" if multiple is None else f"size_divisibility={multiple}"
 
 
 def gpu_runtime_rows(
@@ -187,7 +224,8 @@ def pruned_rows(
     from effbackbone.quantize import quantize_int8
 
     def int8() -> Row:
-        q = quantize_int8(pruned, calibration, num_threads=args.threads)
+        multiple = deploy_multiple(model, example)
+        q = quantize_int8(pruned, calibration, num_threads=args.threads, size_divisibility=multiple)
         return Row(f"pruned {ratio:g}, ONNX Runtime int8", q, q.size_bytes / 1e6, note)
 
     rows.append(_build(f"pruned {ratio:g}, ONNX Runtime int8", int8))
