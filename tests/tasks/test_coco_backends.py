@@ -51,12 +51,17 @@ def generated(seed: int, num_images: int = 60, score_decimals: int = 2) -> tuple
             results.append(
                 _result(image_id, rng.choice(CATEGORIES), _box(rng, w, h), 0.6 * rng.random(), score_decimals)
             )
+    return _coco(images, anns), results
+
+
+def _coco(images: list[dict], anns: list[dict]) -> COCO:
+    """An indexed COCO ground truth of ``images`` and ``anns`` over :data:`CATEGORIES`."""
     coco = COCO()
     coco.dataset = {"images": images, "annotations": anns,
                     "categories": [{"id": c, "name": f"cat{c}"} for c in CATEGORIES]}  # fmt: skip
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
-    return coco, results
+    return coco
 
 
 def _box(rng: random.Random, w: int, h: int) -> list[float]:
@@ -139,3 +144,58 @@ def test_detection_task_checks_the_backend_before_building():
 
     with pytest.raises(ValueError, match="unknown COCO evaluation backend"):
         DetectionTask(coco_eval_backend="cocoapi")
+
+
+def generated_masks(seed: int, num_images: int = 30) -> tuple[COCO, list[dict]]:
+    """Mask ground truth (RLE and polygons, some crowd) and mask results (RLE) with shifted, grown or shrunk shapes."""
+    from pycocotools import mask as mask_utils
+
+    rng = random.Random(seed)
+    images, anns, results = [], [], []
+    for k in range(num_images):
+        image_id = 3 * k + 1
+        w, h = rng.choice([(64, 48), (40, 72)])
+        images.append({"id": image_id, "file_name": f"{image_id}.png", "width": w, "height": h})
+        for _ in range(0 if rng.random() < 0.15 else rng.randint(1, 6)):
+            x0, y0 = rng.randrange(0, w - 4), rng.randrange(0, h - 4)
+            x1, y1 = rng.randrange(x0 + 2, w + 1), rng.randrange(y0 + 2, h + 1)
+            category = rng.choice(CATEGORIES[:2] + CATEGORIES[3:])
+            crowd = int(rng.random() < 0.1)
+            if crowd or rng.random() < 0.5:  # RLE (crowd regions always are), else a polygon
+                grid = np.zeros((h, w), np.uint8, order="F")
+                grid[y0:y1, x0:x1] = 1
+                segmentation = mask_utils.encode(grid)
+                segmentation["counts"] = segmentation["counts"].decode()
+            else:
+                segmentation = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+            anns.append({"id": len(anns) + 1, "image_id": image_id, "category_id": category, "iscrowd": crowd,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0),
+                         "segmentation": segmentation})  # fmt: skip
+            for _ in range(rng.choice([0, 1, 1, 2])):  # a detection near it, sometimes two
+                d = [rng.randint(-1, 1) for _ in range(4)]
+                grid = np.zeros((h, w), np.uint8, order="F")
+                grid[max(0, y0 + d[0]) : max(1, y1 + d[1]), max(0, x0 + d[2]) : max(1, x1 + d[3])] = 1
+                rle = mask_utils.encode(grid)
+                rle["counts"] = rle["counts"].decode()
+                label = category if rng.random() < 0.85 else rng.choice(CATEGORIES)
+                results.append({"image_id": image_id, "category_id": label, "segmentation": rle,
+                                "score": round(rng.random(), 3)})  # fmt: skip
+    return _coco(images, anns), results
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_mask_stats_are_identical(seed):
+    """Mask AP (instance segmentation's ``segm`` evaluation) agrees between the backends as box AP does."""
+    coco, results = generated_masks(seed)
+    ids = sorted(coco.getImgIds())
+    slow = run_cocoeval(coco, results, ids, iou_type="segm", backend="pycocotools")
+    fast = run_cocoeval(coco, results, ids, iou_type="segm", backend="faster-coco-eval")
+    assert type(fast).__module__.startswith("faster_coco_eval")
+    slow_stats, fast_stats = np.asarray(slow.stats), np.asarray(fast.stats[:12])
+    assert 0.1 < slow_stats[0] < 0.9  # a non-trivial score
+    np.testing.assert_allclose(fast_stats, slow_stats, rtol=1e-12, atol=0)
+    names = {c: f"cat{c}" for c in CATEGORIES}
+    slow_map = coco_map(coco, results, ids, names, backend="pycocotools", iou_type="segm")
+    fast_map = coco_map(coco, results, ids, names, backend="faster-coco-eval", iou_type="segm")
+    for key, value in slow_map.items():
+        assert fast_map[key] == pytest.approx(value, rel=1e-12, abs=0, nan_ok=True), key
