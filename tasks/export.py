@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,27 @@ def exporter_for(task: Any) -> Callable[..., dict[str, Any]] | None:  # noqa: AN
     return None
 
 
+#: A state-dict key each task's checkpoints have, for checkpoints saved without LightningCLI's ``_class_path``
+#: (``Trainer.fit`` from Python, as in the pruning and frozen-BN fine-tunes of docs/deploy.md).
+TASK_KEYS = {
+    "tasks.detection.DetectionTask": "detector.model.class_net.",
+    "tasks.instance.InstanceTask": "detector.roi_heads.",
+}
+
+
+def task_class_of(state_dict: Mapping[str, Any]) -> str:
+    """The task class whose network the state dict holds (segmentation when no other matches)."""
+    for class_path, prefix in TASK_KEYS.items():
+        if any(key.startswith(prefix) for key in state_dict):
+            return class_path
+    return DEFAULT_CLASS
+
+
 def load_task(ckpt: str | Path) -> Any:  # noqa: ANN401 - the LightningModule named in the checkpoint
     """Instantiate the task recorded in a Lightning checkpoint, weights loaded, in eval mode."""
-    hparams = safe_torch_load(ckpt).get("hyper_parameters", {})
-    class_path = str(hparams.get("_class_path", DEFAULT_CLASS))
+    checkpoint = safe_torch_load(ckpt)
+    hparams = checkpoint.get("hyper_parameters", {})
+    class_path = str(hparams.get("_class_path") or task_class_of(checkpoint.get("state_dict") or {}))
     module_name, _, class_name = class_path.rpartition(".")
     cls = getattr(importlib.import_module(module_name), class_name, None)
     from lightning.pytorch import LightningModule

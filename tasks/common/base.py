@@ -53,6 +53,11 @@ class BaseTask(L.LightningModule):
         batch_renorm: Train every ``BatchNorm2d`` with batch renormalization (Ioffe 2017;
             :mod:`tasks.common.batch_renorm`): ``true``, or a dict of ``r_max``, ``d_max``, ``start_step``,
             ``ramp_steps``. For small batches, where the evaluated model can differ wildly from the trained one.
+        freeze_bn_stats: Keep every BatchNorm of :attr:`network` in eval mode while training (statistics frozen,
+            affine parameters trained): the network trains in the mode it is evaluated in. Freezing the
+            statistics is the standard last phase of quantization-aware training (Krishnamoorthi, "Quantizing
+            deep convolutional networks for efficient inference", 2018, sec. 3.2); here it is a short fine-tune
+            that makes a checkpoint trained with small batches robust to int8 (docs/deploy.md).
     """
 
     #: The metric a plateau scheduler watches.
@@ -75,6 +80,7 @@ class BaseTask(L.LightningModule):
         encoder_lr_mult: float = 1.0,
         ema_decay: float | None = None,
         batch_renorm: bool | dict[str, Any] | None = None,
+        freeze_bn_stats: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -96,6 +102,13 @@ class BaseTask(L.LightningModule):
         self.ema: AveragedModel | None = None
         self.batch_renorm = BatchRenormConfig.parse(batch_renorm)
         self._renorm_layers: list[BatchRenorm2d] = []
+        if freeze_bn_stats and self.batch_renorm is not None:
+            raise ValueError(
+                "freeze_bn_stats and batch_renorm both set: batch renormalization only acts in train mode, which "
+                "freeze_bn_stats turns off; use one (batch_renorm while training from scratch, freeze_bn_stats to "
+                "fine-tune a trained checkpoint)"
+            )
+        self.freeze_bn_stats = freeze_bn_stats
 
     @property
     def example_input_array(self) -> Tensor | None:
@@ -153,9 +166,17 @@ class BaseTask(L.LightningModule):
         return self.ema.module if self.ema is not None else self.network
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
-        """Set the batch-renormalization limits of this optimizer step."""
+        """Set the batch-renormalization limits of this optimizer step; keep BatchNorm frozen if asked.
+
+        Checked every batch because Lightning puts the module back in train mode at each epoch start
+        (and after each validation).
+        """
         if self.batch_renorm is not None:
             set_renorm_limits(self._renorm_layers, *self.batch_renorm.limits(self.global_step))
+        if self.freeze_bn_stats:
+            for module in self.network.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:  # noqa: ANN401 - Lightning hook
         """Update the EMA weights after each optimizer step."""
