@@ -70,7 +70,10 @@ class Group:
 def build_group(name: str, args: argparse.Namespace) -> Group:
     """The model, data and scorer of one group."""
     builders = {"lite0": ev.classifier_group, "b0": ev.classifier_group, "unet": ev.unet_group, "det": ev.det_group}
-    return Group(**builders[name](name, args))
+    group = builders[name](name, args)
+    if args.tag:  # another checkpoint of the same model: its own table beside the untagged one
+        group["name"], group["title"] = f"{group['name']}-{args.tag}", f"{group['title']}, {args.tag}"
+    return Group(**group)
 
 
 def run_group(group: Group, args: argparse.Namespace) -> dict[str, Any]:
@@ -141,6 +144,7 @@ def main() -> None:
     parser.add_argument("--seg-ckpt", type=Path, default=None, help="trained membrane U-Net checkpoint (mIoU rows)")
     parser.add_argument("--det-ckpt", type=Path, default=None, help="trained raccoon EfficientDet checkpoint (AP rows)")
     parser.add_argument("--write-docs", action="store_true", help="write the tables into docs/deploy.md")
+    parser.add_argument("--tag", default="", help="suffix of the group names (a second checkpoint's own tables)")
     args = parser.parse_args()
     common.setup(args)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
