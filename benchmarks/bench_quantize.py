@@ -104,6 +104,10 @@ def pt2e_int8(model: nn.Module, calibration: list[Tensor]) -> Callable[[Tensor],
     return lambda x: compiled(x)
 
 
+#: The runtime rows' ``size_divisibility``: every image here is 224 x 224.
+DEPLOY_MULTIPLE = 32
+
+
 def openvino_int8(model: nn.Module, calibration: list[Tensor], threads: int) -> Callable[[Tensor], Tensor]:
     """OpenVINO + NNCF post-training quantization of the exported fp32 file, reshaped to batch 8 x 224."""
     import nncf
@@ -112,7 +116,7 @@ def openvino_int8(model: nn.Module, calibration: list[Tensor], threads: int) -> 
     from effbackbone.runtime import export_for_runtime
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_for_runtime(model, Path(tmp) / "m.onnx", calibration[0])
+        path = export_for_runtime(model, Path(tmp) / "m.onnx", calibration[0], size_divisibility=DEPLOY_MULTIPLE)
         core = ov.Core()
         ov_model = core.read_model(str(path))
     ov_model.reshape(list(calibration[0].shape))  # dynamic shapes gave wrong int8 outputs (OpenVINO 2026.4)
@@ -130,9 +134,12 @@ def speed_cases(name: str, model: nn.Module, calib: list[Tensor], args: argparse
     ref = timm.create_model(timm_name, pretrained=False).eval().to(memory_format=torch.channels_last)
     fast = optimize_for_inference(model, channels_last=True)
     # ONNX Runtime gets the same thread count as torch (its default, all cores, spin-waits on a busy machine).
-    fp32 = to_runtime(model, x, num_threads=args.threads)
-    int8 = quantize_int8(model, calib, num_threads=args.threads)
-    int8_full = quantize_int8(model, calib, reduce_range=False, num_threads=args.threads)
+    # Deployed at 224: multiples of 32, so TF padding folds into the convolutions (docs/deploy.md).
+    fp32 = to_runtime(model, x, num_threads=args.threads, size_divisibility=DEPLOY_MULTIPLE)
+    int8 = quantize_int8(model, calib, num_threads=args.threads, size_divisibility=DEPLOY_MULTIPLE)
+    int8_full = quantize_int8(
+        model, calib, reduce_range=False, num_threads=args.threads, size_divisibility=DEPLOY_MULTIPLE
+    )
     print(f"[{name}] file MB: fp32 {fp32.size_bytes / 1e6:.2f}, int8 {int8.size_bytes / 1e6:.2f}")
 
     def inference(fn: Callable[[Tensor], Any], inp: Tensor) -> Callable[[], Any]:
