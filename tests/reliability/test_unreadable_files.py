@@ -150,3 +150,19 @@ def test_coco_lazy_read_error_names_the_json(tmp_path):
     with pytest.raises(ValueError, match=r"2\.jpg cannot be read.*deleting the file alone is not enough: "
                                          r"instances_train\.json still lists it"):  # fmt: skip
         ds[1]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log"])
+def test_preflight_shows_a_progress_bar_in_a_terminal_only(tmp_path: Path, monkeypatch, terminal: bool) -> None:
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), i * 40, np.uint8)).save(tmp_path / f"{i}.png")
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr("sys.stderr", err)
+    assert find_unreadable(tmp_path.glob("*.png"), "full", desc="checking images") == {}
+    shown = err.getvalue()
+    assert ("checking images" in shown and "/5 [" in shown) == terminal, shown  # the bar of 5 images
