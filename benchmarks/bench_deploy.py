@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes per model on a CPU)")
+    parser.add_argument("--openvino", action="store_true", help="add an OpenVINO + NNCF int8 row (openvino, nncf)")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast rows")
     parser.add_argument("--bf16-everywhere", action="store_true", help="bf16 rows in every group on any CPU")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="structured pruning ratio of the pruned rows")
