@@ -225,7 +225,7 @@ def test_warning_when_far_from_the_flops_constraint():
 
 def test_unknown_option_lists_valid_options():
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['pretrained'\]; valid options: .*'frozen_stages'"):
-        create_model("b0", pretrained=True)
+        create_model("b0", pretrained=True)  # offline-ok: refused before anything is loaded
 
 
 @pytest.mark.parametrize("name", ["b8", "efficientnet-b9", "resnet50"])
