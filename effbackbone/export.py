@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,17 +177,21 @@ def _export_legacy(
         ranks = ranks if ranks is not None else [2 if n == LOGITS_NAME else 4 for n in names]
         for n, rank in zip(names, ranks, strict=True):
             axes[n] = {d: (labels[d] if d == 0 else f"{n}_{labels[d]}") for d in dims if d < rank}
-    torch.onnx.export(
-        model,
-        (example,),
-        str(path),
-        dynamo=False,
-        input_names=[INPUT_NAME],
-        output_names=names,
-        dynamic_axes=axes,
-        opset_version=opset,
-        do_constant_folding=True,
-    )
+    with warnings.catch_warnings():
+        # A constant F.pad (static TF padding) exports its pads through a step -1 Slice, which torch's constant
+        # folding skips with this warning; fold_pads evaluates that chain and writes the pads into the convs.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1 can be constant folded")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[INPUT_NAME],
+            output_names=names,
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
 
 
 def fold_pads(path: str | Path) -> int:
@@ -217,14 +222,17 @@ def fold_pads(path: str | Path) -> int:
     return total
 
 
-def _fold_pads_once(onnx: ModuleType, proto: Any) -> int:
-    from onnx import numpy_helper
+def graph_constants(graph: Any) -> dict[str, Any]:
+    """``{name: TensorProto}`` of a graph's initializers and ``Constant`` node values (the tensors, editable)."""
+    tensors = {t.name: t for t in graph.initializer}
+    tensors.update({n.output[0]: n.attribute[0].t for n in graph.node
+                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
+    return tensors
 
+
+def _fold_pads_once(onnx: ModuleType, proto: Any) -> int:
     graph = proto.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-                   if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"})  # fmt: skip
-    shapes = _static_shapes(onnx, proto)
+    constant = _ConstantEvaluator(onnx, proto)
     consumers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
@@ -235,8 +243,8 @@ def _fold_pads_once(onnx: ModuleType, proto: Any) -> int:
         if node.op_type != "Pad" or node.output[0] in outputs or (len(node.input) > 3 and node.input[3]):
             continue  # (explicit axes, opset 18: not what the exporters write for F.pad)
         mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
-        pads = _constant_value(graph, node.input[1], consts, shapes) if len(node.input) > 1 else None
-        value = _constant_value(graph, node.input[2], consts, shapes) if len(node.input) > 2 and node.input[2] else 0.0
+        pads = constant.value(node.input[1]) if len(node.input) > 1 else None
+        value = constant.value(node.input[2]) if len(node.input) > 2 and node.input[2] else 0.0
         users = consumers.get(node.output[0], [])
         if mode != "constant" or pads is None or value is None or len(pads) != 8 or pads[:2].any() or pads[4:6].any():
             continue
@@ -273,6 +281,74 @@ def _drop_dead_nodes(graph: Any) -> None:
             graph.node.remove(node)
 
 
+class _ConstantEvaluator:
+    """Values of a graph's tensors that constants and static shapes determine.
+
+    The legacy exporter leaves a Concat/Reshape/Slice/Transpose/Cast chain for ``F.pad``'s pads,
+    and timm's "same" padding computes them from ``Shape``. A ``Shape`` whose only unknown dim is
+    the batch is evaluated with batch 1 and 2: a value that does not change depends on static dims only.
+    """
+
+    def __init__(self, onnx: ModuleType, proto: Any) -> None:
+        from onnx import numpy_helper
+
+        self.onnx, self.graph = onnx, proto.graph
+        self.values = {name: numpy_helper.to_array(t) for name, t in graph_constants(self.graph).items()}
+        self.shapes = _static_shapes(onnx, proto)
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.order = {n.output[0]: i for i, n in enumerate(self.graph.node)}
+
+    def value(self, name: str) -> Any:  # noqa: ANN401 - a NumPy array or None
+        """The value of ``name``, or ``None`` when it depends on the input or on the batch size (cached)."""
+        if name in self.values:
+            return self.values[name]
+        import numpy as np
+        from onnx.reference import ReferenceEvaluator
+
+        helper = self.onnx.helper
+        nodes, shape_leaves, stack, seen = [], {}, [name], set()
+        while stack:
+            current = stack.pop()
+            if current in seen or current in self.values or not current:
+                continue
+            seen.add(current)
+            node = self.producer.get(current)
+            if node is None:
+                return None  # a graph input
+            if node.op_type == "Shape":
+                dims = self.shapes.get(node.input[0])
+                if node.attribute or dims is None or None in dims[1:]:
+                    return None
+                shape_leaves[node.output[0]] = dims
+                continue
+            nodes.append(node)
+            stack.extend(node.input)
+        nodes.sort(key=lambda n: self.order[n.output[0]])
+        leaves = {i for n in nodes for i in n.input if i in self.values}
+        results = []
+        for batch in (1, 2):
+            feeds = {
+                k: np.array([batch if dims[0] is None else dims[0], *dims[1:]], dtype=np.int64)
+                for k, dims in shape_leaves.items()
+            }
+            if name in feeds:
+                results.append(feeds[name])
+                continue
+            inputs = [helper.make_tensor_value_info(k, self.onnx.TensorProto.INT64, [len(v)]) for k, v in feeds.items()]
+            sub = helper.make_graph(
+                nodes, "pads", inputs, [helper.make_tensor_value_info(name, self.onnx.TensorProto.UNDEFINED, None)],
+                [self.onnx.numpy_helper.from_array(self.values[i], i) for i in leaves],
+            )  # fmt: skip
+            try:
+                results.append(ReferenceEvaluator(helper.make_model(sub)).run(None, feeds)[0])
+            except Exception:  # noqa: BLE001 - an op the reference cannot run: leave the Pad alone
+                return None
+        if results[0].shape != results[1].shape or not np.array_equal(results[0], results[1]):
+            return None  # depends on the batch size
+        self.values[name] = results[0]
+        return results[0]
+
+
 def _static_shapes(onnx: ModuleType, proto: Any) -> dict[str, list[int | None]]:
     """Inferred tensor shapes (``None`` for a symbolic dim)."""
     try:
@@ -284,66 +360,6 @@ def _static_shapes(onnx: ModuleType, proto: Any) -> dict[str, list[int | None]]:
         dims = info.type.tensor_type.shape.dim
         shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
     return shapes
-
-
-def _constant_value(graph: Any, name: str, consts: dict[str, Any], shapes: dict[str, list[int | None]]) -> Any:
-    """The value of ``name`` when constants and static shapes determine it, else ``None``; cached in ``consts``.
-
-    The legacy exporter leaves a Concat/Reshape/Slice/Transpose/Cast chain for ``F.pad``'s pads,
-    and timm's "same" padding computes them from ``Shape``. A ``Shape`` whose only unknown dim is
-    the batch is evaluated with batch 1 and 2: a value that does not change depends on static dims only.
-    """
-    if name in consts:
-        return consts[name]
-    import numpy as np
-
-    onnx = _require("onnx")
-    from onnx.reference import ReferenceEvaluator
-
-    index = {n.output[0]: i for i, n in enumerate(graph.node)}
-    producer = {o: n for n in graph.node for o in n.output}
-    nodes, shape_leaves, stack, seen = [], {}, [name], set()
-    while stack:
-        current = stack.pop()
-        if current in seen or current in consts or not current:
-            continue
-        seen.add(current)
-        node = producer.get(current)
-        if node is None:
-            return None  # a graph input
-        if node.op_type == "Shape":
-            dims = shapes.get(node.input[0])
-            if node.attribute or dims is None or None in dims[1:]:
-                return None
-            shape_leaves[node.output[0]] = dims
-            continue
-        nodes.append(node)
-        stack.extend(node.input)
-    nodes.sort(key=lambda n: index[n.output[0]])
-    leaves = {i for n in nodes for i in n.input if i in consts}
-    values = []
-    for batch in (1, 2):
-        feeds = {
-            k: np.array([batch if dims[0] is None else dims[0], *dims[1:]], dtype=np.int64)
-            for k, dims in shape_leaves.items()
-        }
-        if name in feeds:
-            values.append(feeds[name])
-            continue
-        inputs = [onnx.helper.make_tensor_value_info(k, onnx.TensorProto.INT64, [len(v)]) for k, v in feeds.items()]
-        sub = onnx.helper.make_graph(
-            nodes, "pads", inputs,
-            [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)],
-            [onnx.numpy_helper.from_array(consts[i], i) for i in leaves],
-        )  # fmt: skip
-        try:
-            values.append(ReferenceEvaluator(onnx.helper.make_model(sub)).run(None, feeds)[0])
-        except Exception:  # noqa: BLE001 - an op the reference cannot run: leave the Pad alone
-            return None
-    if values[0].shape != values[1].shape or not np.array_equal(values[0], values[1]):
-        return None  # depends on the batch size
-    consts[name] = values[0]
-    return values[0]
 
 
 def verify_onnx(

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from effbackbone.bias_correction import correct_biases
-from effbackbone.export import INPUT_NAME, _require
+from effbackbone.export import INPUT_NAME, _require, graph_constants
 from effbackbone.runtime import (
     InputRules,
     OnnxModel,
@@ -225,8 +225,7 @@ def _infinite_pads(path: Path) -> list[str]:
 
     proto = onnx.load(str(path))
     graph = proto.graph
-    tensors = {t.name: t for t in graph.initializer}
-    tensors.update({n.output[0]: n.attribute[0].t for n in graph.node if n.op_type == "Constant" and n.attribute})
+    tensors = graph_constants(graph)
     names, padded = [], set()
     for node in graph.node:
         if node.op_type == "Pad" and len(node.input) > 2 and node.input[2] in tensors:
