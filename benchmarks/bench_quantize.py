@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -109,20 +108,10 @@ DEPLOY_MULTIPLE = 32
 
 
 def openvino_int8(model: nn.Module, calibration: list[Tensor], threads: int) -> Callable[[Tensor], Tensor]:
-    """OpenVINO + NNCF post-training quantization of the exported fp32 file, reshaped to batch 8 x 224."""
-    import nncf
-    import openvino as ov
+    """OpenVINO + NNCF int8, static at the calibration batch's shape: :func:`deploy_rows.openvino_row`."""
+    from deploy_rows import openvino_row
 
-    from effbackbone.runtime import export_for_runtime
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_for_runtime(model, Path(tmp) / "m.onnx", calibration[0], size_divisibility=DEPLOY_MULTIPLE)
-        core = ov.Core()
-        ov_model = core.read_model(str(path))
-    ov_model.reshape(list(calibration[0].shape))  # dynamic shapes gave wrong int8 outputs (OpenVINO 2026.4)
-    quantized = nncf.quantize(ov_model, nncf.Dataset([x.numpy() for x in calibration]))
-    compiled = core.compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads})
-    return lambda x: torch.from_numpy(compiled(x.numpy())[0])
+    return openvino_row(model, calibration[0], calibration, DEPLOY_MULTIPLE, threads).fn  # type: ignore[return-value]
 
 
 def speed_cases(name: str, model: nn.Module, calib: list[Tensor], args: argparse.Namespace) -> list[common.Case]:
