@@ -110,6 +110,13 @@ def check_config(config: Mapping[str, Any]) -> None:
     resolve_schedule(config, max_epochs=max(1, int(config.get("num_stages") or 1)), size_multiple=1)
 
 
+def check_keys(option: Mapping[str, Any]) -> None:
+    """Refuse keys of the ``progressive`` block that are not in :data:`OPTION_KEYS`, naming the valid ones."""
+    unknown = set(option) - set(OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: {', '.join(OPTION_KEYS)}")
+
+
 def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_multiple: int) -> ProgressiveSchedule:
     """The stages of a ``progressive`` block.
 
@@ -132,9 +139,7 @@ def resolve_schedule(config: Mapping[str, Any], max_epochs: int | None, size_mul
     Raises:
         ValueError: Unknown keys, both or neither form, bad values; each message names the key and a fix.
     """
-    unknown = set(config) - set(OPTION_KEYS)
-    if unknown:
-        raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: {', '.join(OPTION_KEYS)}")
+    check_keys(config)
     keys = set(config) - {"keep_scale"}
     keep_scale = config.get("keep_scale", False)
     if not isinstance(keep_scale, bool):
@@ -285,9 +290,7 @@ class ProgressiveLearning(L.Callback):
     @classmethod
     def from_option(cls, option: Mapping[str, Any]) -> ProgressiveLearning:
         """The callback of a task's ``progressive`` option (the same keys)."""
-        unknown = set(option) - set(OPTION_KEYS)
-        if unknown:
-            raise ValueError(f"unknown progressive key(s) {sorted(unknown)}; valid: {', '.join(OPTION_KEYS)}")
+        check_keys(option)
         return cls(**dict(option))
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
