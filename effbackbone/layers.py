@@ -47,14 +47,13 @@ class Conv2dSame(nn.Conv2d):
         """Pad as TF "SAME" would, then convolve."""
         ih, iw = x.shape[-2], x.shape[-1]
         k, s, d = self.kernel_size[0], self.stride[0], self.dilation[0]
-        if self.static_pad:
+        if self.static_pad:  # what the formula below gives for multiples of the stride, as a constant
             if not torch.jit.is_scripting():
                 _check_static_pad(ih, iw, s)
-            pad = max((k - 1) * d + 1 - s, 0)
-            x = F.pad(x, [pad // 2, pad - pad // 2, pad // 2, pad - pad // 2])
-            return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-        pad_h = ((ih + s - 1) // s - 1) * s + (k - 1) * d + 1 - ih
-        pad_w = ((iw + s - 1) // s - 1) * s + (k - 1) * d + 1 - iw
+            pad_h = pad_w = max((k - 1) * d + 1 - s, 0)
+        else:
+            pad_h = ((ih + s - 1) // s - 1) * s + (k - 1) * d + 1 - ih
+            pad_w = ((iw + s - 1) // s - 1) * s + (k - 1) * d + 1 - iw
         x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
