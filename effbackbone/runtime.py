@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from effbackbone.arch import VARIANTS
-from effbackbone.export import INPUT_NAME, _require, export_module_onnx, fold_pads
+from effbackbone.export import _require, export_module_onnx, fold_pads
 from effbackbone.fuse import fuse_bn
 from effbackbone.model import EfficientNet
 
@@ -245,6 +245,52 @@ def export_for_runtime(
     Returns:
         The path written.
     """
+    prepared = prepare_for_runtime(model, example, mean=mean, std=std, size_divisibility=size_divisibility)
+    dims = (0,) if prepared.rules.fixed_size is not None else (0, 2, 3)
+    path = Path(path)
+    export_module_onnx(prepared.flat, path, example, prepared.output_names, dynamic_dims=dims, dynamo=dynamo)
+    fold_pads(path)
+    write_metadata(path, prepared.metadata(metadata))
+    return path
+
+
+@dataclass
+class Prepared:
+    """A model made ready for a runtime: BN folded, outputs flattened, its input rules and metadata.
+
+    Attributes:
+        flat: The network (eval mode, BN folded, static TF padding where exact) returning a tuple of tensors.
+        info: What :func:`describe_model` found.
+        rules: The input rules of the file (with mean/std when given).
+        outputs: The name tree of the outputs (:func:`output_tree`).
+    """
+
+    flat: nn.Module
+    info: ModelInfo
+    rules: InputRules
+    outputs: Any
+
+    @property
+    def output_names(self) -> list[str]:
+        """The flat output names, in the order ``flat`` returns them."""
+        return leaf_names(self.outputs)
+
+    def metadata(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The ``effbackbone.*`` entries every runtime file carries, plus ``extra``."""
+        info = self.info
+        meta = {"kind": info.kind, "variant": info.variant, "padding": info.padding, "input": asdict(self.rules)}
+        return {**meta, "outputs": self.outputs, **dict(extra or {})}
+
+
+def prepare_for_runtime(
+    model: nn.Module,
+    example: Tensor,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    size_divisibility: int | None = None,
+) -> Prepared:
+    """A copy of ``model`` ready to export or convert (see :func:`export_for_runtime` for the arguments)."""
     info = describe_model(model)
     base = input_rules(info, size_divisibility)
     base.check(example, "example")
@@ -256,13 +302,7 @@ def export_for_runtime(
         base, mean=None if mean is None else tuple(float(v) for v in mean),
         std=None if std is None else tuple(float(v) for v in std),
     )  # fmt: skip
-    dims = (0,) if rules.fixed_size is not None else (0, 2, 3)
-    path = Path(path)
-    export_module_onnx(_Flat(fused, names), path, example, leaf_names(names), dynamic_dims=dims, dynamo=dynamo)
-    fold_pads(path)
-    meta = {"kind": info.kind, "variant": info.variant, "padding": info.padding, "input": asdict(rules)}
-    write_metadata(path, {**meta, "outputs": names, **dict(metadata or {})})
-    return path
+    return Prepared(_Flat(fused, names).eval(), info, rules, names)
 
 
 def input_rules(info: ModelInfo, size_divisibility: int | None = None) -> InputRules:
@@ -331,6 +371,14 @@ def read_metadata(proto: Any) -> dict[str, Any]:
 # -- running ------------------------------------------------------------------------------------------
 
 
+def rules_of(metadata: Mapping[str, Any]) -> InputRules:
+    """The input rules stored in a file's metadata (its ``input`` entry)."""
+    raw = dict(metadata["input"])
+    for key in ("fixed_size", "mean", "std"):
+        raw[key] = None if raw.get(key) is None else tuple(raw[key])
+    return InputRules(**raw)
+
+
 class OnnxModel:
     """An exported (or quantized) file run by ONNX Runtime, called like the float model.
 
@@ -357,15 +405,13 @@ class OnnxModel:
                 "the ONNX file has no effbackbone metadata (outputs, input rules); "
                 "export it with effbackbone.runtime.export_for_runtime or effbackbone.quantize.quantize_int8"
             )
-        raw = dict(self.metadata["input"])
-        for key in ("fixed_size", "mean", "std"):
-            raw[key] = None if raw.get(key) is None else tuple(raw[key])
-        self.rules = InputRules(**raw)
+        self.rules = rules_of(self.metadata)
         options = ort.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
         self.session = ort.InferenceSession(self._bytes, options, providers=list(providers))
         self._names = leaf_names(self.metadata["outputs"])
+        self._input = self.session.get_inputs()[0].name  # ``input``; ``image`` in a segmentation task's export
 
     @property
     def kind(self) -> str:
@@ -377,11 +423,14 @@ class OnnxModel:
         """Size of the file."""
         return len(self._bytes)
 
-    def __call__(self, x: Tensor) -> Outputs:
-        """Run a batch ``(N, C, H, W)``; returns the float model's kind of output, as CPU float tensors."""
-        self.rules.check(x)
+    def __call__(self, x: Tensor, what: str = "input") -> Outputs:
+        """Run a batch ``(N, C, H, W)``; returns the float model's kind of output, as CPU float tensors.
+
+        ``what`` names the input in the error a wrong batch raises.
+        """
+        self.rules.check(x, what)
         array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        results = self.session.run(self._names, {INPUT_NAME: array})
+        results = self.session.run(self._names, {self._input: array})
         flat = {n: torch.from_numpy(r) for n, r in zip(self._names, results, strict=True)}
         return unflatten_outputs(flat, self.metadata["outputs"])
 
@@ -401,6 +450,18 @@ def load_onnx_model(path: str | Path, **kwargs: Any) -> OnnxModel:
     return OnnxModel(path, **kwargs)
 
 
+def load_runtime_file(path: str | Path, *, num_threads: int | None = None) -> Any:  # noqa: ANN401
+    """An ``.onnx`` file as :class:`OnnxModel`, an OpenVINO ``.xml`` as :class:`~effbackbone.ov_runtime.OpenVinoModel`.
+
+    Both are called like the float model and have ``metadata``, ``rules``, ``kind``, ``size_bytes`` and ``save``.
+    """
+    if Path(path).suffix.lower() == ".xml":
+        from effbackbone.ov_runtime import load_openvino_model
+
+        return load_openvino_model(path, num_threads=num_threads)
+    return load_onnx_model(path, num_threads=num_threads)
+
+
 def to_runtime(model: nn.Module, example: Tensor, *, num_threads: int | None = None, **kwargs: Any) -> OnnxModel:
     """Export ``model`` to a temporary file and load it: the fp32 ONNX Runtime model (the deployment row).
 
@@ -418,7 +479,10 @@ __all__ = [
     "describe_model",
     "export_for_runtime",
     "load_onnx_model",
+    "load_runtime_file",
+    "prepare_for_runtime",
     "read_metadata",
+    "rules_of",
     "to_runtime",
     "write_metadata",
 ]

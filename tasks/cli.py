@@ -33,10 +33,11 @@ USAGE = """usage: effbackbone {info,quickstart,fit,validate,test,predict,export,
   test        evaluate on the test split
   predict     a folder of images -> masks, boxes or instances, and pictures, in <run>/predictions:
               effbackbone predict --config <yaml> --ckpt_path <ckpt> [--data.init_args.predict_dir <dir>]
-              (--ckpt_path model.onnx: the same outputs from a file of export or quantize, run by ONNX Runtime)
+              (--ckpt_path model.onnx or model.xml: the same outputs from a file of export or quantize)
   export      a checkpoint to ONNX (any batch, height and width): effbackbone export --ckpt <ckpt> --output model.onnx
-  quantize    a checkpoint to int8 ONNX, calibrated on its training images; prints the float and int8 val metrics:
+  quantize    a checkpoint to int8, calibrated on its training images; prints the float and int8 val metrics:
               effbackbone quantize --config <yaml> --ckpt <ckpt> --output model_int8.onnx
+              (--output model_int8.xml: OpenVINO, faster on x86 CPUs for SiLU models, e.g. B0, D0)
 Run 'effbackbone <command> --help' for a command's options (fit --help starts with the tasks and shipped configs)."""
 
 

@@ -1,10 +1,10 @@
-"""What both tasks share to ship a trained model as an ONNX file and to run that file again.
+"""What both tasks share to ship a trained model as a file (ONNX, or OpenVINO IR) and to run that file again.
 
 A file written by ``effbackbone export`` or ``effbackbone quantize`` carries, besides the entries of
 :mod:`effbackbone.runtime` (``kind``, ``input`` rules, ``outputs``), an ``effbackbone.task`` entry: the task
 (``segmentation`` or ``detection``) and what its prediction needs (class names, category ids, mean/std, tile
 size, EfficientDet's anchor settings, ...), written by each task's ``deploy`` module. ``effbackbone predict
---ckpt_path model.onnx`` reads it to pick the task's file model (:data:`FILE_MODELS`).
+--ckpt_path model.onnx`` (or ``model.xml``) reads it to pick the task's file model (:data:`FILE_MODELS`).
 
 Also here: the data module of a config (what ``quantize`` calibrates and validates on), the check that a config
 and a model agree, progress bars, and the float-vs-int8 table.
@@ -19,15 +19,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from effbackbone.export import _require
-from effbackbone.runtime import OnnxModel, leaf_names, read_metadata, unflatten_outputs
+from effbackbone.runtime import load_runtime_file, read_metadata
 
 TASK_KEY = "task"
-MODEL_FILE_SUFFIXES = (".onnx",)
+MODEL_FILE_SUFFIXES = (".onnx", ".xml")  # ONNX; OpenVINO IR (its .bin lies next to it)
 # Task name in a file's metadata -> "module:class" of the LightningModule that predicts with the file.
 FILE_MODELS = {
     "segmentation": "tasks.segmentation.deploy:SegmentationFileModel",
@@ -41,30 +40,39 @@ T = TypeVar("T")
 
 
 def is_model_file(path: str | Path) -> bool:
-    """Whether ``path`` names an ONNX model file (by its suffix) rather than a Lightning checkpoint."""
+    """Whether ``path`` names a model file (ONNX, OpenVINO ``.xml``) by its suffix, not a Lightning checkpoint."""
     return Path(path).suffix.lower() in MODEL_FILE_SUFFIXES
 
 
+MADE_BY = "`effbackbone export` or `effbackbone quantize`"
+
+
 def read_task_entry(path: str | Path) -> dict[str, Any]:
-    """The ``effbackbone.task`` entry of an ONNX file, with errors that name the file and the fix."""
+    """The ``effbackbone.task`` entry of an ONNX or OpenVINO file, with errors that name the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no model file at {path}; pass the .onnx file that `effbackbone export` or `effbackbone quantize` "
-            "wrote, or a Lightning checkpoint (.ckpt)"
+            f"no model file at {path}; pass the .onnx (or OpenVINO .xml) file that {MADE_BY} wrote, or a Lightning "
+            "checkpoint (.ckpt)"
         )
-    onnx = _require("onnx")  # names the extra to install (deploy) when it is missing
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # onnx raises DecodeError and friends from protobuf
-        raise ValueError(f"{path} is not an ONNX file ({type(e).__name__}: {e}); pass an .onnx file from "
-                         "`effbackbone export` or `effbackbone quantize`, or a .ckpt checkpoint") from e  # fmt: skip
-    entry = read_metadata(proto).get(TASK_KEY)
+    if path.suffix.lower() == ".xml":
+        from effbackbone.ov_runtime import read_ir_metadata
+
+        entries = read_ir_metadata(path)  # its errors name the file
+    else:
+        onnx = _require("onnx")  # names the extra to install (deploy) when it is missing
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as e:  # onnx raises DecodeError and friends from protobuf
+            raise ValueError(f"{path} is not an ONNX file ({type(e).__name__}: {e}); pass an .onnx file from "
+                             f"{MADE_BY}, or a .ckpt checkpoint") from e  # fmt: skip
+        entries = read_metadata(proto)
+    entry = entries.get(TASK_KEY)
     if not isinstance(entry, dict) or entry.get("name") not in FILE_MODELS:
         raise ValueError(
             f"{path} has no effbackbone task metadata (class names, normalisation, ...), so predict cannot run it; "
             "write it with `effbackbone export --ckpt <ckpt> --output <file>.onnx` or `effbackbone quantize --config "
-            "<yaml> --ckpt <ckpt> --output <file>.onnx`"
+            "<yaml> --ckpt <ckpt> --output <file>.onnx` (or <file>.xml for OpenVINO)"
         )
     return entry
 
@@ -83,31 +91,29 @@ def file_model_class_path(path: str | Path, config_class: str | None = None) -> 
     return f"{module}.{name}"
 
 
-class TaskModel(OnnxModel):
-    """A task's ONNX file run by ONNX Runtime (an :class:`~effbackbone.runtime.OnnxModel` with a task entry).
+class TaskModel:
+    """A task's model file, ONNX (run by ONNX Runtime) or OpenVINO IR, with its task entry.
 
-    The input is the file's own first input: ``image`` in files from ``effbackbone export`` (segmentation),
-    ``input`` in those written by :mod:`effbackbone.runtime` and :mod:`effbackbone.quantize`.
+    Called like the float network. The ONNX input is the file's own first input: ``image`` in files from
+    ``effbackbone export`` (segmentation), ``input`` in those written by :mod:`effbackbone.runtime` and
+    :mod:`effbackbone.quantize`.
 
     Attributes:
         task: The file's ``effbackbone.task`` entry.
         path: The file.
+        runtime: The :class:`~effbackbone.runtime.OnnxModel` or :class:`~effbackbone.ov_runtime.OpenVinoModel`.
+        metadata: The file's ``effbackbone`` entries.
     """
 
     def __init__(self, path: str | Path, *, num_threads: int | None = None) -> None:
         self.task = read_task_entry(path)
         self.path = Path(path)
-        super().__init__(self.path, num_threads=num_threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_names = leaf_names(self.metadata["outputs"])
+        self.runtime = load_runtime_file(self.path, num_threads=num_threads)
+        self.metadata: dict[str, Any] = self.runtime.metadata
 
     def __call__(self, x: Tensor) -> Any:  # noqa: ANN401 - the float model's kind of output
         """Run a batch ``(N, C, H, W)``; returns the float model's kind of output as CPU float tensors."""
-        self.rules.check(x, f"input of {self.path.name}")
-        array = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        results = self.session.run(self.output_names, {self.input_name: array})
-        flat = {n: torch.from_numpy(r) for n, r in zip(self.output_names, results, strict=True)}
-        return unflatten_outputs(flat, self.metadata["outputs"])
+        return self.runtime(x, f"input of {self.path.name}")
 
 
 def pad_to_multiple(images: Tensor, divisor: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""A trained detector as an ONNX file: its metadata, prediction from the file, and the quantize steps.
+"""A trained detector as a model file (ONNX or OpenVINO IR): its metadata, prediction from it, the quantize steps.
 
 The file holds the EfficientDet network (BN folded), whose raw outputs are the class and box maps of P3-P7.
 Turning them into boxes needs the anchors and effdet's decoding and NMS, so :func:`task_metadata` records the
@@ -67,16 +67,17 @@ class _RawOutputs:
 
 
 class DetectionFileModel(L.LightningModule):
-    """``effbackbone predict`` with an ONNX file of a detection task instead of its checkpoint.
+    """``effbackbone predict`` with a model file (ONNX or OpenVINO) of a detection task instead of its checkpoint.
 
     The file's raw outputs are decoded by the task's own predictor (anchors, top-k, NMS) and mapped back to
-    original pixels and COCO category ids by the task's own code, on the CPU with ONNX Runtime.
+    original pixels and COCO category ids by the task's own code, on the CPU with ONNX Runtime or OpenVINO.
 
     Args:
-        file: An ``.onnx`` file from ``effbackbone export`` or ``effbackbone quantize``.
+        file: An ``.onnx`` file from ``effbackbone export`` or ``effbackbone quantize``, or an OpenVINO ``.xml``
+            from ``effbackbone quantize``.
         num_classes: Linked from the data: must equal the file's.
         image_size: Linked from the data (the letterbox side): must equal the file's.
-        num_threads: ONNX Runtime threads (default: its own choice, the physical cores).
+        num_threads: Runtime threads (default: its own choice, the physical cores).
     """
 
     def __init__(

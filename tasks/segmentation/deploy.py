@@ -1,4 +1,4 @@
-"""A trained segmentation model as an ONNX file: its metadata, prediction from the file, and the quantize steps.
+"""A trained segmentation model as a file (ONNX or OpenVINO IR): its metadata, prediction from it, the quantize steps.
 
 :func:`task_metadata` is the file's ``effbackbone.task`` entry (mode, classes, mean/std, tiling);
 :class:`SegmentationFileModel` runs ``effbackbone predict --ckpt_path model.onnx`` with the task's own
@@ -47,21 +47,22 @@ def network(task: SegmentationTask) -> nn.Module:
 
 
 class SegmentationFileModel(L.LightningModule):
-    """``effbackbone predict`` with an ONNX file of a segmentation task instead of its checkpoint.
+    """``effbackbone predict`` with a model file (ONNX or OpenVINO) of a segmentation task instead of its checkpoint.
 
     The task's prediction code runs unchanged (:meth:`SegmentationTask.predict_step`: tiles larger images,
-    probabilities, labels); only the network is the file, run by ONNX Runtime on the CPU. The data-module
+    probabilities, labels); only the network is the file, run by ONNX Runtime or OpenVINO on the CPU. The data-module
     values the CLI links into a model are checked against the file's.
 
     Args:
-        file: An ``.onnx`` file from ``effbackbone export`` or ``effbackbone quantize``.
+        file: An ``.onnx`` file from ``effbackbone export`` or ``effbackbone quantize``, or an OpenVINO ``.xml``
+            from ``effbackbone quantize``.
         num_classes: Linked from the data: must equal the file's.
         class_names: Linked from the data (the file's names are used).
         in_channels: Linked from the data: must equal the file's.
         mode: Linked from the data: must equal the file's.
         mean: Linked from the data: the images are normalised with it, so it must equal the file's.
         std: Likewise.
-        num_threads: ONNX Runtime threads (default: its own choice, the physical cores).
+        num_threads: Runtime threads (default: its own choice, the physical cores).
     """
 
     def __init__(

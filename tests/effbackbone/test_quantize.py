@@ -51,24 +51,19 @@ def _calibration(n: int = 2, size: tuple[int, int] = (64, 64)) -> list[torch.Ten
     return [torch.randn(2, 3, *size) for _ in range(n)]
 
 
-@pytest.fixture(scope="module")
-def tf_encoder() -> nn.Module:
-    torch.manual_seed(0)
-    return _calibrate_bn(effbackbone.create_model("b0", tf_compat=True, out_indices=(0, 1, 2)), 64)
-
-
-@pytest.fixture(scope="module")
-def tf_encoder_int8(tf_encoder: nn.Module) -> Int8Model:
-    torch.manual_seed(1)
-    return quantize_int8(tf_encoder, _calibration(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-
-
-def test_encoder_int8_close_to_fp32_tf_padding(tf_encoder: nn.Module, tf_encoder_int8: Int8Model) -> None:
-    # TF "same" padding: odd sizes, other than the calibration size, must still line up.
-    x = torch.randn(2, 3, 97, 65)
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("shape", [(2, 3, 97, 65), (1, 3, 64, 64), (3, 3, 128, 96)])
+def test_encoder_int8_close_to_fp32_at_any_size_with_tf_padding(
+    tf_encoder: nn.Module, request: pytest.FixtureRequest, backend: str, shape: tuple[int, ...]
+) -> None:
+    # Batch, height and width are dynamic, and TF "same" padding must line up at odd sizes, other than the
+    # calibration size, too.
+    _backend(backend)
+    int8 = request.getfixturevalue({"onnxruntime": "tf_encoder_int8", "openvino": "tf_encoder_ov"}[backend])
+    x = torch.randn(*shape)
     with torch.no_grad():
         ref = tf_encoder(x)
-    out = tf_encoder_int8(x)
+    out = int8(x)
     assert isinstance(out, dict) and list(out) == list(ref)
     for name in ref:
         assert out[name].shape == ref[name].shape
@@ -120,13 +115,26 @@ def test_fp32_runtime_matches_pytorch(tf_encoder: nn.Module) -> None:
         torch.testing.assert_close(value, ref[name], rtol=1e-4, atol=1e-4 * float(ref[name].abs().max()))
 
 
-def test_smp_unet_int8_close_to_fp32() -> None:
+def _backend(name: str) -> str:
+    """``name``, after skipping the test when its runtime is not installed."""
+    if name == "openvino":
+        pytest.importorskip("openvino")
+        pytest.importorskip("nncf")
+    return name
+
+
+BACKENDS = ["onnxruntime", "openvino"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smp_unet_int8_close_to_fp32(backend: str) -> None:
     smp = pytest.importorskip("segmentation_models_pytorch")
     import effbackbone.integrations.smp  # noqa: F401
 
+    torch.manual_seed(0)
     unet = smp.Unet("effbackbone-b0", encoder_weights=None, classes=2, encoder_depth=3, decoder_channels=(32, 16, 8))
     unet = _calibrate_bn(unet, 64)
-    q = quantize_int8(unet, _calibration())
+    q = quantize_int8(unet, _calibration(), backend=_backend(backend))
     assert q.kind == "segmentation" and q.rules.size_divisibility == 8
     x = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
@@ -217,17 +225,22 @@ def test_size_divisibility_must_extend_the_models_rule() -> None:
         to_runtime(unet.eval(), torch.randn(1, 3, 64, 64), size_divisibility=16)
 
 
-def test_efficientdet_int8_close_to_fp32() -> None:
+# One BiFPN cell and one head repeat keep it to seconds. Random weights, so correlations are lower than with
+# trained ones: on P3-P5 over seeds 0-3, 0.84-0.93 with ONNX Runtime and 0.64-0.88 with OpenVINO (random weights
+# are the hard case for NNCF's symmetric activation ranges; on the trained raccoon D0 it is the other way round:
+# output cosine 0.9997 against 0.9981, docs/deploy.md). P6/P7 are 2x2 and 1x1 at 128 px, so their activation
+# ranges come from a handful of values (0.41-0.94): not asserted.
+@pytest.mark.parametrize(("backend", "min_corr"), [("onnxruntime", 0.7), ("openvino", 0.6)])
+def test_efficientdet_int8_close_to_fp32(backend: str, min_corr: float) -> None:
     pytest.importorskip("effdet")
     from effbackbone.integrations.effdet import create_efficientdet
 
-    # One BiFPN cell and one head repeat keep it to seconds. Random weights, so correlations are lower
-    # than with trained ones: 0.79-0.94 on P3-P5 over three seeds. P6/P7 are 2x2 and 1x1 at 128 px, so
-    # their activation ranges come from a handful of values (0.41-0.94): not asserted.
+    torch.manual_seed(0)
     det = create_efficientdet("d0", num_classes=3, image_size=128, fpn_cell_repeats=1, box_class_repeats=1)
     det = _calibrate_bn(det, 128)
-    q = quantize_int8(det, _calibration(2, (128, 128)))
-    assert _pads(q) == 0  # fixed size: the "same" pads of convs and max-pools fold into them
+    q = quantize_int8(det, _calibration(2, (128, 128)), backend=_backend(backend))
+    if backend == "onnxruntime":
+        assert _pads(q) == 0  # fixed size: the "same" pads of convs and max-pools fold into them
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         ref_cls, ref_box = det(x)
@@ -238,7 +251,7 @@ def test_efficientdet_int8_close_to_fp32() -> None:
         assert got.shape == ref.shape and torch.isfinite(got).all()
         if ref.shape[2] * ref.shape[3] >= 16:
             corr.append(_centered_corr(got, ref))
-    assert len(corr) == 6 and min(corr) > 0.7, corr
+    assert len(corr) == 6 and min(corr) > min_corr, corr
     with pytest.raises(ValueError, match="128 x 128"):
         q(torch.randn(1, 3, 256, 256))
 

@@ -131,6 +131,38 @@ def test_int8_logits_are_close_to_float(seg, seg_quantized):
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95
 
 
+@pytest.fixture(scope="module")
+def seg_openvino(seg):
+    import contextlib
+    import io
+
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(["quantize", "--config", SEG_CONF, "--ckpt", seg.ckpt, "--output", str(seg.root / "int8.xml"),
+                     f"--data.root={seg.data}", "--calibration-batches=2"])  # fmt: skip
+    assert code == 0
+    return out.getvalue()
+
+
+def test_quantize_to_openvino_and_predict_from_the_xml_file(seg, seg_openvino, seg_from_ckpt):
+    from effbackbone.ov_runtime import read_ir_metadata
+
+    xml = seg.root / "int8.xml"
+    meta = read_ir_metadata(xml)
+    assert meta["quantization"]["backend"] == "openvino-nncf" and meta["task"]["name"] == "segmentation"
+    assert f"quantize: {xml} and int8.bin (" in seg_openvino
+    float_miou, int8_miou = _table(seg_openvino)["mIoU"]
+    assert float_miou == pytest.approx(_best_score(seg.ckpt), abs=1e-4) and abs(int8_miou - float_miou) < 0.1
+    from_xml = _masks(_seg_predict(seg, xml, "pred_openvino"))
+    from_ckpt = _masks(seg_from_ckpt)
+    assert sorted(from_xml) == sorted(from_ckpt)
+    assert np.mean([(from_xml[n] == m).mean() for n, m in from_ckpt.items()]) > 0.9
+    assert sorted(p.name for p in (seg.root / "pred_openvino" / "predictions").iterdir()) == sorted(
+        p.name for p in seg_from_ckpt.iterdir()
+    )  # the same files: masks, overlays, panels
+
+
 # -- detection ------------------------------------------------------------------------------------------------
 
 
@@ -221,6 +253,28 @@ def test_quantize_detection_prints_ap_and_predict_runs_from_the_int8_file(det, c
     assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 0.9
 
 
+def test_quantize_detection_to_openvino_prints_ap_and_predict_runs_from_the_xml_file(det, capsys):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    xml = det.root / "int8.xml"
+    assert main(["quantize", "--config", DET_CONF, "--ckpt", str(det.ckpt), "--output", str(xml),
+                 f"--data.init_args.root={det.data}", "--calibration-batches=2"]) == 0  # fmt: skip
+    table = _table(capsys.readouterr().out)
+    assert {"AP", "AP50", "AP rectangle", "AP ellipse", "AP triangle"} <= set(table)
+    assert table["AP"][0] == pytest.approx(_best_score(det.ckpt), abs=1e-3)
+    from_xml = _det_predict(det, xml, "pred_openvino")
+    assert from_xml and {r["category_id"] for r in from_xml} <= {3, 17, 90}
+    from tasks.common.deploy import TaskModel
+    from tasks.detection.deploy import network
+    from tasks.export import load_task
+
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = torch.cat([t.flatten() for level in network(load_task(det.ckpt))(x) for t in level])
+    got = torch.cat([t.flatten() for level in TaskModel(xml)(x) for t in level])
+    assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 0.9
+
+
 # -- bad inputs -----------------------------------------------------------------------------------------------
 
 
@@ -229,6 +283,19 @@ def test_quantize_names_a_missing_checkpoint(seg, tmp_path, capsys):
         main(["quantize", "--config", SEG_CONF, "--ckpt", str(tmp_path / "nope.ckpt"), "--output", "x.onnx"])
     err = capsys.readouterr().err
     assert f"checkpoint not found: {tmp_path / 'nope.ckpt'}" in err and "effbackbone fit" in err
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "message"),
+    [
+        ("x.pt", [], r"--output x\.pt: name the int8 file <something>\.onnx .* or <something>\.xml"),
+        ("x.xml", ["--method=entropy"], "--method entropy is an ONNX Runtime option; OpenVINO"),
+    ],
+)
+def test_quantize_names_an_output_or_option_that_does_not_fit(seg, capsys, output, extra, message):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--config", SEG_CONF, "--ckpt", seg.ckpt, "--output", output, *extra])
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_quantize_refuses_a_config_of_another_task(seg, tmp_path, capsys):
@@ -260,8 +327,15 @@ def test_quantize_names_an_empty_training_split(seg, tmp_path, capsys):
 
 
 def test_predict_names_a_missing_model_file(seg, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no model file at .*nope.onnx; pass the .onnx file"):
+    with pytest.raises(FileNotFoundError, match=r"no model file at .*nope.onnx; pass the .onnx \(or OpenVINO .xml\)"):
         _seg_predict(seg, tmp_path / "nope.onnx", "pred_missing")
+
+
+def test_predict_names_an_xml_file_that_is_not_an_openvino_model(seg, tmp_path):
+    path = tmp_path / "labels.xml"
+    path.write_text("<annotation><object/></annotation>")  # e.g. a Pascal VOC file passed by mistake
+    with pytest.raises(ValueError, match=r"labels\.xml is not an OpenVINO model \(\.xml\).*<annotation>"):
+        _seg_predict(seg, path, "pred_voc")
 
 
 def test_predict_refuses_an_onnx_file_without_task_metadata(seg, tmp_path):
