@@ -62,10 +62,15 @@ def require(name: str) -> ModuleType:
 class OpenVinoModel:
     """An OpenVINO model (IR ``.xml`` + ``.bin``) run on the CPU, called like the float model.
 
+    The model keeps dynamic batch, height and width, but OpenVINO runs a static shape faster (EfficientDet-D0
+    int8 at 2 x 256 x 256: 17.3 ms against 21.2 ms dynamic), so each of the first ``static_shapes`` input shapes
+    gets its own compiled copy (0.2-0.8 s to compile, once); later new shapes run on the dynamic one.
+
     Args:
         model: An ``openvino.Model`` or the path of its ``.xml`` file (the ``.bin`` lies next to it).
         metadata: The ``effbackbone`` entries (read from the file's ``<rt_info>`` when ``model`` is a path).
         num_threads: OpenVINO inference threads (``None``: its default, the physical cores).
+        static_shapes: How many input shapes get a static compiled copy (0: always the dynamic model).
 
     Attributes:
         metadata: The ``effbackbone`` entries (``kind``, ``input``, ``outputs``, ``quantization``, ``task``, ...).
@@ -73,8 +78,9 @@ class OpenVinoModel:
     """
 
     def __init__(
-        self, model: Any, *, metadata: Mapping[str, Any] | None = None, num_threads: int | None = None
-    ) -> None:  # noqa: ANN401 - an openvino.Model
+        self, model: Any, *, metadata: Mapping[str, Any] | None = None, num_threads: int | None = None,
+        static_shapes: int = 4,
+    ) -> None:  # noqa: ANN401 - an openvino.Model  # fmt: skip
         if isinstance(model, (str, Path)):
             path = Path(model)
             metadata = read_ir_metadata(path)
@@ -86,16 +92,23 @@ class OpenVinoModel:
         self.metadata = dict(metadata)
         self.rules = rules_of(self.metadata)
         self._names = leaf_names(self.metadata["outputs"])
-        config = {} if num_threads is None else {"INFERENCE_NUM_THREADS": int(num_threads)}
-        self.compiled = core().compile_model(model, "CPU", config)
+        self._config = {} if num_threads is None else {"INFERENCE_NUM_THREADS": int(num_threads)}
+        self.compiled = core().compile_model(model, "CPU", self._config)  # any shape
         index = {name: i for i, out in enumerate(self.compiled.outputs) for name in out.get_names()}
-        self._index = [index[n] for n in self._names]
+        self._index = [index[n] for n in self._names]  # the order outputs keep through reshape and compile
+        self.static_shapes = int(static_shapes)
+        self._static: dict[tuple[int, ...], Any] = {}
         self._size: int | None = None
 
     @property
     def kind(self) -> str:
         """``encoder``, ``classifier``, ``segmentation``, ``efficientdet`` or ``module``."""
         return str(self.metadata["kind"])
+
+    @property
+    def static_compiled(self) -> list[tuple[int, ...]]:
+        """The input shapes that have their own static compiled copy, in the order they came."""
+        return list(self._static)
 
     @property
     def quantization(self) -> dict[str, Any]:
@@ -117,9 +130,17 @@ class OpenVinoModel:
         ``what`` names the input in the error a wrong batch raises.
         """
         self.rules.check(x, what)
-        results = self.compiled(x.detach().to("cpu", torch.float32).contiguous().numpy())
+        results = self._compiled_for(tuple(x.shape))(x.detach().to("cpu", torch.float32).contiguous().numpy())
         flat = {n: torch.from_numpy(results[i]) for n, i in zip(self._names, self._index, strict=True)}
         return unflatten_outputs(flat, self.metadata["outputs"])
+
+    def _compiled_for(self, shape: tuple[int, ...]) -> Any:  # noqa: ANN401 - an openvino.CompiledModel
+        """The static compiled copy for ``shape`` (made on first use, up to ``static_shapes``), else the dynamic one."""
+        if shape not in self._static and len(self._static) < self.static_shapes:
+            static = self.model.clone()
+            static.reshape(list(shape))
+            self._static[shape] = core().compile_model(static, "CPU", self._config)
+        return self._static.get(shape, self.compiled)
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (``.xml``) and its ``.bin``, metadata in ``<rt_info>``; parent folders are created."""
@@ -163,7 +184,7 @@ def read_ir_metadata(path: str | Path) -> dict[str, Any]:
     return out
 
 
-def load_openvino_model(path: str | Path, *, num_threads: int | None = None) -> OpenVinoModel:
+def load_openvino_model(path: str | Path, *, num_threads: int | None = None, static_shapes: int = 4) -> OpenVinoModel:
     """Load an ``.xml`` file saved by :class:`OpenVinoModel` (``quantize_int8(..., backend="openvino")``)."""
     path = Path(path)
     if not path.is_file():
@@ -171,7 +192,7 @@ def load_openvino_model(path: str | Path, *, num_threads: int | None = None) -> 
     if not path.with_suffix(".bin").is_file():
         raise FileNotFoundError(f"{path} has no weights file next to it ({path.with_suffix('.bin').name}); copy "
                                 "the .xml and the .bin that quantize_int8 wrote together")  # fmt: skip
-    return OpenVinoModel(path, num_threads=num_threads)
+    return OpenVinoModel(path, num_threads=num_threads, static_shapes=static_shapes)
 
 
 def quantize_openvino(
