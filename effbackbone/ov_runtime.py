@@ -14,18 +14,22 @@ convolutions; OpenVINO fuses them into its int8 kernels. B0 int8 ran 3.7x timm's
 file, matters: the ONNX import of B0 quantized to 37.7 ms per batch, the PyTorch one to 26.0 ms. For the ReLU6
 Lite models ONNX Runtime stays the better choice (Lite0: top-1 agreement with fp32 0.93 against 0.83).
 
-OpenVINO's telemetry only sends data after the user has consented in its own dialog; nothing here asks.
+OpenVINO's converter and NNCF report each use to Intel (Google Analytics, ``openvino_telemetry``) unless the user
+has opted out with ``opt_in_out --opt_out``: without a consent file they count as consent. A library call is not
+the user running an OpenVINO tool, so :func:`quantize_openvino` turns that reporting off for its own calls
+(:func:`without_telemetry`); OpenVINO's tools and direct NNCF use are left as they are.
 Torch only at import; ``openvino`` and ``nncf`` are imported when needed (``effbackbone[openvino]``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
 import json
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -51,12 +55,21 @@ def core() -> Any:  # noqa: ANN401 - an openvino.Core
 
 def require(name: str) -> ModuleType:
     """Import ``openvino`` or ``nncf``, or say which extra installs them."""
-    if importlib.util.find_spec(name) is None:
-        raise ImportError(
-            f"{name} is required for OpenVINO int8 models; install it with `pip install effbackbone[openvino]` "
-            "(or use backend='onnxruntime', the .onnx format)"
-        )
+    check_installed(name)
     return importlib.import_module(name)
+
+
+def check_installed(*names: str) -> None:
+    """Raise ``ImportError`` naming the extra unless ``names`` (default: openvino and nncf) are installed.
+
+    Nothing is imported (NNCF counts a use when it is imported).
+    """
+    for name in names or ("openvino", "nncf"):
+        if importlib.util.find_spec(name) is None:
+            raise ImportError(
+                f"{name} is required for OpenVINO int8 models; install it with `pip install effbackbone[openvino]` "
+                "(or use backend='onnxruntime', the .onnx format)"
+            )
 
 
 class OpenVinoModel:
@@ -158,6 +171,33 @@ class OpenVinoModel:
         return path
 
 
+# What openvino_telemetry.Telemetry does on creation and to report; all no-ops while without_telemetry() runs.
+_TELEMETRY_METHODS = ("init", "start_session", "send_event", "send_error", "send_stack_trace", "end_session",
+                      "force_shutdown")  # fmt: skip
+
+
+@contextlib.contextmanager
+def without_telemetry() -> Iterator[None]:
+    """Within the block, OpenVINO's and NNCF's usage reports (``openvino_telemetry``) neither count nor send.
+
+    Both report through the one ``openvino_telemetry.Telemetry`` class, whose methods are replaced by no-ops for the
+    block and restored after it.
+    """
+    try:
+        from openvino_telemetry import Telemetry
+    except ImportError:  # then neither reports anything
+        yield
+        return
+    saved = {name: Telemetry.__dict__[name] for name in _TELEMETRY_METHODS if name in Telemetry.__dict__}
+    for name in saved:
+        setattr(Telemetry, name, lambda self, *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, method in saved.items():
+            setattr(Telemetry, name, method)
+
+
 def read_ir_metadata(path: str | Path) -> dict[str, Any]:
     """The ``effbackbone`` entries of an OpenVINO ``.xml`` file, read without loading the model.
 
@@ -212,23 +252,23 @@ def quantize_openvino(
     output channel, int8 activations per tensor from min/max over the calibration, fast bias correction (turned
     off by ``bias_correction=False``).
     """
-    ov = require("openvino")
-    nncf = require("nncf")
-    from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-
     example = torch.from_numpy(batches[0][:1])
     prepared = prepare_for_runtime(model, example, mean=mean, std=std, size_divisibility=size_divisibility)
     fixed = prepared.rules.fixed_size
     shape = [-1, prepared.rules.channels, *(fixed if fixed is not None else (-1, -1))]
-    with torch.no_grad():
+    with without_telemetry(), torch.no_grad():  # NNCF counts a use on import already
+        ov = require("openvino")
+        nncf = require("nncf")
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+
         network = ov.convert_model(prepared.flat, example_input=example, input=[ov.PartialShape(shape)])
-    network.inputs[0].get_tensor().set_names({INPUT_NAME})
-    for out, name in zip(network.outputs, prepared.output_names, strict=True):
-        out.get_tensor().set_names({name})
-    advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
-    quantized = nncf.quantize(
-        network, nncf.Dataset(list(batches)), subset_size=len(batches), advanced_parameters=advanced
-    )
+        network.inputs[0].get_tensor().set_names({INPUT_NAME})
+        for out, name in zip(network.outputs, prepared.output_names, strict=True):
+            out.get_tensor().set_names({name})
+        advanced = AdvancedQuantizationParameters(disable_bias_correction=not bias_correction)
+        quantized = nncf.quantize(
+            network, nncf.Dataset(list(batches)), subset_size=len(batches), advanced_parameters=advanced
+        )
     recipe = {
         "backend": "openvino-nncf", "weights": "int8, per channel", "activations": "int8, per tensor",
         "calibration": "minmax", "bias_correction": bool(bias_correction), "calibration_batches": len(batches),
@@ -238,4 +278,11 @@ def quantize_openvino(
                          num_threads=num_threads)  # fmt: skip
 
 
-__all__ = ["OpenVinoModel", "load_openvino_model", "quantize_openvino", "read_ir_metadata"]
+__all__ = [
+    "OpenVinoModel",
+    "check_installed",
+    "load_openvino_model",
+    "quantize_openvino",
+    "read_ir_metadata",
+    "without_telemetry",
+]

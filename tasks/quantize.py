@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                      "prints its folder: 'checkpoints: <folder>')")  # fmt: skip
     try:  # every mistake in the inputs is reported here, before the minutes of quantization
         if BACKENDS[suffix] == "openvino":
-            from effbackbone.ov_runtime import require
+            from effbackbone.ov_runtime import check_installed
 
-            require("openvino"), require("nncf")
+            check_installed()
         dm, config_class = data_from_config(args.config, rest)
         task = load_task(args.ckpt)
         deploy = deploy_module(task)

@@ -96,5 +96,27 @@ def test_missing_openvino_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> No
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
-    with pytest.raises(ImportError, match=r"pip install effbackbone\[openvino\]"):
+    with pytest.raises(ImportError, match=r"nncf is required .*pip install effbackbone\[openvino\]"):
         ov_runtime.require("nncf")
+    with pytest.raises(ImportError, match=r"nncf is required"):
+        ov_runtime.check_installed()
+
+
+def test_quantizing_sends_no_usage_report(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    telemetry = pytest.importorskip("openvino_telemetry")
+    import openvino as ov
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # OpenVINO keeps its consent and counter files there
+    calls: list[str] = []
+    recorders = {}
+    for name in ("start_session", "send_event", "send_error", "send_stack_trace", "end_session"):
+        recorders[name] = lambda self, *a, _name=name, **k: calls.append(_name)
+        monkeypatch.setattr(telemetry.Telemetry, name, recorders[name])
+    model = effbackbone.create_model("b0", out_indices=(0,)).eval()
+    ov.convert_model(model, example_input=torch.randn(1, 3, 32, 32))  # OpenVINO's own entry point reports
+    assert "send_event" in calls
+    calls.clear()
+    quantize_int8(model, _calibration(1), backend="openvino")
+    assert calls == []
+    for name, recorder in recorders.items():  # put back after the call: OpenVINO's own use is left as it was
+        assert telemetry.Telemetry.__dict__[name] is recorder
