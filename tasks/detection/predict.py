@@ -178,7 +178,8 @@ def predict_folder(
     Args:
         task: A ``DetectionTask``, the path of its Lightning checkpoint (the checkpoint carries
             the model settings and the label -> category id map), or an ``.onnx`` file from ``effbackbone
-            export`` or ``effbackbone quantize`` (run by ONNX Runtime on the CPU; ``device`` is then ignored).
+            export`` or ``effbackbone quantize`` (run by ONNX Runtime on the CPU; ``device`` is then ignored), or
+            an OpenVINO ``.xml`` from ``effbackbone quantize`` (run by OpenVINO on the CPU).
         input_dir: Folder of images (``.jpg``, ``.png``, ...), any size; each is letterboxed.
         output_dir: Where the results go.
         batch_size: Images per forward pass.
