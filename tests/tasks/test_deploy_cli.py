@@ -264,6 +264,10 @@ def test_quantize_detection_to_openvino_prints_ap_and_predict_runs_from_the_xml_
     assert table["AP"][0] == pytest.approx(_best_score(det.ckpt), abs=1e-3)
     from_xml = _det_predict(det, xml, "pred_openvino")
     assert from_xml and {r["category_id"] for r in from_xml} <= {3, 17, 90}
+    from tasks.detection.predict import predict_folder  # the Python entry point takes the file too
+
+    from_python = json.loads(predict_folder(xml, det.data / "val" / "images", det.root / "pf_openvino").read_text())
+    assert from_python and {r["category_id"] for r in from_python} <= {3, 17, 90}
     from tasks.common.deploy import TaskModel
     from tasks.detection.deploy import network
     from tasks.export import load_task
