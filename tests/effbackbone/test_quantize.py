@@ -353,12 +353,18 @@ def _raccoon_images(root: Path, split: str, n: int, size: int = 224) -> torch.Te
 
 
 @pytest.mark.slow
-def test_lite0_real_weights_int8_agrees_on_raccoon_photos(raccoon_data: Path) -> None:
+# Measured on these 40 photos: ONNX Runtime agreement 0.90, top-5 hit 1.0, cosine 0.995 (without bias correction
+# 0.75, 0.975, 0.979); OpenVINO 0.775, 1.0, 0.992: on the ReLU6 Lite models ONNX Runtime is the more accurate
+# backend (docs/deploy.md, "Which backend").
+@pytest.mark.parametrize(("backend", "min_agree", "min_cos"), [("onnxruntime", 0.8, 0.99), ("openvino", 0.7, 0.985)])
+def test_lite0_real_weights_int8_agrees_on_raccoon_photos(
+    raccoon_data: Path, backend: str, min_agree: float, min_cos: float
+) -> None:
     model = _lite0_with_real_weights()
     root = raccoon_data
     calibration = _raccoon_images(root, "train", 32).split(8)
     images = _raccoon_images(root, "val", 40)
-    q = quantize_int8(model, calibration, mean=LITE_MEAN, std=LITE_STD)
+    q = quantize_int8(model, calibration, mean=LITE_MEAN, std=LITE_STD, backend=_backend(backend))
     with torch.no_grad():
         ref = model(images)
     out = q(images)
@@ -367,6 +373,4 @@ def test_lite0_real_weights_int8_agrees_on_raccoon_photos(raccoon_data: Path) ->
     in_top5 = float((out.topk(5, 1).indices == top1[:, None]).any(1).float().mean())
     cosine = float(F.cosine_similarity(out, ref).mean())
     # Raccoon is no ImageNet class: most fp32 top-1s win by a hair, the hardest case for agreement.
-    # Measured on these 40 photos: agreement 0.90, top-5 hit 1.0, cosine 0.995 (without bias correction
-    # 0.75, 0.975, 0.979; docs/deploy.md).
-    assert agree >= 0.8 and in_top5 >= 0.95 and cosine > 0.99, (agree, in_top5, cosine)
+    assert agree >= min_agree and in_top5 >= 0.95 and cosine > min_cos, (agree, in_top5, cosine)
