@@ -28,7 +28,9 @@ import functools
 import importlib
 import importlib.util
 import json
+import logging
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -38,13 +40,13 @@ import torch
 from torch import Tensor, nn
 
 from effbackbone.export import INPUT_NAME
-from effbackbone.runtime import Outputs, leaf_names, prepare_for_runtime, rules_of, unflatten_outputs
+from effbackbone.runtime import SUFFIX_OF, Outputs, leaf_names, prepare_for_runtime, rules_of, unflatten_outputs
 
 if TYPE_CHECKING:
     import numpy as np
 
 RT_KEY = "effbackbone"  # the <rt_info> section of our entries
-SUFFIX = ".xml"
+SUFFIX = SUFFIX_OF["openvino"]
 
 
 @functools.cache
@@ -106,12 +108,16 @@ class OpenVinoModel:
         self.rules = rules_of(self.metadata)
         self._names = leaf_names(self.metadata["outputs"])
         self._config = {} if num_threads is None else {"INFERENCE_NUM_THREADS": int(num_threads)}
-        self.compiled = core().compile_model(model, "CPU", self._config)  # any shape
-        index = {name: i for i, out in enumerate(self.compiled.outputs) for name in out.get_names()}
+        index = {name: i for i, out in enumerate(model.outputs) for name in out.get_names()}
         self._index = [index[n] for n in self._names]  # the order outputs keep through reshape and compile
         self.static_shapes = int(static_shapes)
         self._static: dict[tuple[int, ...], Any] = {}
         self._size: int | None = None
+
+    @functools.cached_property
+    def compiled(self) -> Any:  # noqa: ANN401 - an openvino.CompiledModel
+        """The model compiled for any input shape (on first need: shapes past ``static_shapes``)."""
+        return core().compile_model(self.model, "CPU", self._config)
 
     @property
     def kind(self) -> str:
@@ -130,11 +136,11 @@ class OpenVinoModel:
 
     @property
     def size_bytes(self) -> int:
-        """Size of the saved ``.xml`` and ``.bin`` together."""
+        """Size of the saved ``.xml`` and ``.bin`` together (of the last :meth:`save`, else of a scratch save)."""
         if self._size is None:
             with tempfile.TemporaryDirectory() as tmp:
-                xml = self.save(Path(tmp) / "model.xml")
-                self._size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+                self.save(Path(tmp) / "model.xml")
+        assert self._size is not None
         return self._size
 
     def __call__(self, x: Tensor, what: str = "input") -> Outputs:
@@ -153,7 +159,7 @@ class OpenVinoModel:
             static = self.model.clone()
             static.reshape(list(shape))
             self._static[shape] = core().compile_model(static, "CPU", self._config)
-        return self._static.get(shape, self.compiled)
+        return self._static[shape] if shape in self._static else self.compiled
 
     def save(self, path: str | Path) -> Path:
         """Write ``path`` (``.xml``) and its ``.bin``, metadata in ``<rt_info>``; parent folders are created."""
@@ -168,6 +174,7 @@ class OpenVinoModel:
             self.model.set_rt_info(value if key == "version" else json.dumps(value), [RT_KEY, key])
         # fp32 stays fp32: compressing the float weights that int8 leaves (biases, SE) to fp16 changes the outputs.
         ov.save_model(self.model, str(path), compress_to_fp16=False)
+        self._size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
         return path
 
 
@@ -196,6 +203,26 @@ def without_telemetry() -> Iterator[None]:
     finally:
         for name, method in saved.items():
             setattr(Telemetry, name, method)
+
+
+@contextlib.contextmanager
+def _quiet_conversion() -> Iterator[None]:
+    """Silence what OpenVINO's converter and NNCF print that is theirs, not the user's to act on.
+
+    The converter traces with ``torch.jit.trace`` (a FutureWarning: deprecated), and NNCF's import probes
+    torch's C++ extension tools, which log "No CUDA runtime is found" for a CUDA build of torch on a CPU machine.
+    """
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`torch\.jit\.trace(_method)?` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def read_ir_metadata(path: str | Path) -> dict[str, Any]:
@@ -256,7 +283,7 @@ def quantize_openvino(
     prepared = prepare_for_runtime(model, example, mean=mean, std=std, size_divisibility=size_divisibility)
     fixed = prepared.rules.fixed_size
     shape = [-1, prepared.rules.channels, *(fixed if fixed is not None else (-1, -1))]
-    with without_telemetry(), torch.no_grad():  # NNCF counts a use on import already
+    with without_telemetry(), _quiet_conversion(), torch.no_grad():  # NNCF counts a use on import already
         ov = require("openvino")
         nncf = require("nncf")
         from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters

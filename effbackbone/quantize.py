@@ -32,12 +32,15 @@ from torch import Tensor, nn
 from effbackbone.bias_correction import correct_biases
 from effbackbone.export import INPUT_NAME, _require, graph_constants
 from effbackbone.runtime import (
+    FILE_RUNTIMES,
+    SUFFIX_OF,
     InputRules,
     OnnxModel,
     describe_model,
     export_for_runtime,
     input_rules,
     read_metadata,
+    runtime_of,
     write_metadata,
 )  # fmt: skip
 
@@ -48,7 +51,7 @@ if TYPE_CHECKING:
 
 Calibration = Literal["minmax", "percentile", "entropy"]
 Backend = Literal["onnxruntime", "openvino"]
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = tuple(FILE_RUNTIMES.values())
 _METHODS = {"minmax": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
@@ -173,8 +176,8 @@ def _check_backend(backend: str, method: str, per_channel: bool, output_path: st
     """Refuse a backend, option or file name that does not go with the backend, before any work."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    suffix = {"onnxruntime": ".onnx", "openvino": ".xml"}[backend]
-    if output_path is not None and Path(output_path).suffix.lower() != suffix:
+    suffix = SUFFIX_OF[backend]
+    if output_path is not None and runtime_of(output_path) != backend:
         raise ValueError(f"output_path {output_path}: backend={backend!r} writes a {suffix} file; name it "
                          f"<something>{suffix}")  # fmt: skip
     if backend == "openvino" and (method != "minmax" or not per_channel):
@@ -191,7 +194,7 @@ def load_int8(path: str | Path, **kwargs: Any) -> Int8Model | OpenVinoModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no int8 model file at {path}")
-    if path.suffix.lower() == ".xml":
+    if runtime_of(path) == "openvino":
         from effbackbone.ov_runtime import load_openvino_model
 
         model: Int8Model | OpenVinoModel = load_openvino_model(path, **kwargs)

@@ -30,6 +30,15 @@ from effbackbone.fuse import fuse_bn
 from effbackbone.model import EfficientNet
 
 META = "effbackbone."  # prefix of every metadata key we write
+# Each runtime's file format, by suffix: quantize_int8's backends write them, load_runtime_file and predict read them.
+FILE_RUNTIMES = {".onnx": "onnxruntime", ".xml": "openvino"}
+SUFFIX_OF = {runtime: suffix for suffix, runtime in FILE_RUNTIMES.items()}
+
+
+def runtime_of(path: str | Path) -> str | None:
+    """``onnxruntime`` or ``openvino`` by the file's suffix (:data:`FILE_RUNTIMES`); ``None`` for any other."""
+    return FILE_RUNTIMES.get(Path(path).suffix.lower())
+
 Outputs = Tensor | dict[str, Any] | list[Any] | tuple[Any, ...]
 
 
@@ -455,7 +464,7 @@ def load_runtime_file(path: str | Path, *, num_threads: int | None = None) -> An
 
     Both are called like the float model and have ``metadata``, ``rules``, ``kind``, ``size_bytes`` and ``save``.
     """
-    if Path(path).suffix.lower() == ".xml":
+    if runtime_of(path) == "openvino":
         from effbackbone.ov_runtime import load_openvino_model
 
         return load_openvino_model(path, num_threads=num_threads)
@@ -474,6 +483,8 @@ def to_runtime(model: nn.Module, example: Tensor, *, num_threads: int | None = N
 
 __all__ = [
     "InputRules",
+    "FILE_RUNTIMES",
+    "SUFFIX_OF",
     "ModelInfo",
     "OnnxModel",
     "describe_model",
@@ -483,6 +494,7 @@ __all__ = [
     "prepare_for_runtime",
     "read_metadata",
     "rules_of",
+    "runtime_of",
     "to_runtime",
     "write_metadata",
 ]

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from effbackbone.runtime import FILE_RUNTIMES
 from tasks.common.deploy import data_from_config, progress, side_by_side
 from tasks.export import load_task
 
@@ -26,7 +27,7 @@ from tasks.export import load_task
 DEPLOY = {"SegmentationTask": "tasks.segmentation.deploy", "DetectionTask": "tasks.detection.deploy"}
 METHODS = ("minmax", "percentile", "entropy")
 # The output file's suffix picks the backend (its format).
-BACKENDS = {".onnx": "onnxruntime", ".xml": "openvino"}
+BACKENDS = FILE_RUNTIMES
 
 
 def deploy_module(task: Any) -> ModuleType | None:  # noqa: ANN401 - any LightningModule

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from effbackbone.export import _require
-from effbackbone.runtime import load_runtime_file, read_metadata
+from effbackbone.runtime import FILE_RUNTIMES, load_runtime_file, read_metadata, runtime_of
 
 TASK_KEY = "task"
-MODEL_FILE_SUFFIXES = (".onnx", ".xml")  # ONNX; OpenVINO IR (its .bin lies next to it)
+MODEL_FILE_SUFFIXES = tuple(FILE_RUNTIMES)  # ONNX; OpenVINO IR (its .bin lies next to it)
 # Task name in a file's metadata -> "module:class" of the LightningModule that predicts with the file.
 FILE_MODELS = {
     "segmentation": "tasks.segmentation.deploy:SegmentationFileModel",
@@ -55,7 +55,7 @@ def read_task_entry(path: str | Path) -> dict[str, Any]:
             f"no model file at {path}; pass the .onnx (or OpenVINO .xml) file that {MADE_BY} wrote, or a Lightning "
             "checkpoint (.ckpt)"
         )
-    if path.suffix.lower() == ".xml":
+    if runtime_of(path) == "openvino":
         from effbackbone.ov_runtime import read_ir_metadata
 
         entries = read_ir_metadata(path)  # its errors name the file
